@@ -1,0 +1,40 @@
+"""ALLoRA statistics for logging: coefficient min / mean / max and the mean row norm of BA.
+
+Each layer records its statistics during backward only while recording is switched on (see
+:class:`~allora_trl.gradient.CoefficientStats`); values stay on the device until :func:`collect_allora_stats`
+reads them all with one transfer, so steps that are not logged pay nothing and synchronise nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import allora_variants
+
+
+def set_allora_stats_recording(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch recording of coefficient statistics on or off in every ALLoRA layer of ``model``."""
+    for variant in allora_variants(model):
+        variant.stats.enabled = enabled
+        if enabled:
+            variant.stats.values = {}
+
+
+def collect_allora_stats(model: torch.nn.Module, prefix: str = "allora/") -> dict[str, float]:
+    """Aggregate the statistics recorded by every ALLoRA layer's last backward pass.
+
+    Returns ``{prefix + "coefficient_min"|"coefficient_mean"|"coefficient_max"|"row_norm_mean": float}`` over all
+    rows (for ``coefficient="output"``, all tokens and rows) of all layers, or ``{}`` if nothing was recorded.
+    """
+    recorded = [v.stats.values for v in allora_variants(model) if v.stats.values]
+    if not recorded:
+        return {}
+    keys = ("coefficient_min", "coefficient_max", "coefficient_sum", "coefficient_count", "row_norm_sum", "row_norm_count")
+    table = torch.stack([torch.stack([values[k].float().cpu() for k in keys]) for values in recorded])  # layers x 6
+    c_min, c_max, c_sum, c_count, n_sum, n_count = table.T
+    return {
+        f"{prefix}coefficient_min": c_min.min().item(),
+        f"{prefix}coefficient_mean": (c_sum.sum() / c_count.sum()).item(),
+        f"{prefix}coefficient_max": c_max.max().item(),
+        f"{prefix}row_norm_mean": (n_sum.sum() / n_count.sum()).item(),
+    }

@@ -1,0 +1,60 @@
+"""ALLoRA as a peft LoRA variant: the rule runs inside each LoRA layer's own forward/backward.
+
+peft dispatches a LoRA layer's forward, merge and unmerge to ``layer.lora_variant[adapter_name]`` when one is set
+(that is how DoRA is built). Installing the rule there, rather than in the optimizer, means every layer sees its
+full weights in forward and backward, so the rule is identical under gradient accumulation, gradient
+checkpointing, DDP, FSDP1/FSDP2 and DeepSpeed ZeRO.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import LoraVariant
+
+from .gradient import CoefficientStats, allora_lora_forward
+
+
+class ALLoRALinearVariant(LoraVariant):
+    """Forward ``result + B A x`` (scaling 1, no dropout) with the ALLoRA backward; merges like LoRA at scaling 1.
+
+    Unlike peft's own variants, which are stateless, an instance carries its settings (``eta``, ``coefficient``)
+    and the layer's coefficient statistics, so one model can hold ALLoRA adapters with different settings.
+    """
+
+    def __init__(self, eta: float, coefficient: str):
+        self.eta = eta
+        self.coefficient = coefficient
+        self.stats = CoefficientStats()
+
+    def supports_lora_conversion(self) -> bool:
+        return True  # an ALLoRA adapter *is* a LoRA adapter with alpha == r
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        pass  # no extra parameters: A and B are LoRA's own
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = module.get_delta_weight(active_adapter)
+        return orig_weight + delta.to(device=orig_weight.device, dtype=orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        delta = module.get_delta_weight(active_adapter)
+        orig_weight.data += delta.to(device=orig_weight.device, dtype=orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = module.get_delta_weight(active_adapter)
+        return orig_weight.data - delta.to(device=orig_weight.device, dtype=orig_weight.dtype)
+
+    def forward(self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_output = allora_lora_forward(
+            x,
+            module.lora_A[active_adapter].weight,
+            module.lora_B[active_adapter].weight,
+            eta=self.eta,
+            coefficient=self.coefficient,
+            stats=self.stats,
+        )
+        return result + lora_output.to(result.dtype)

@@ -1,0 +1,1 @@
+"""Axolotl plugin for ALLoRA (see README.md in this folder)."""
