@@ -1,0 +1,93 @@
+"""``ALLoRAConfig``: TRL's ``SFTConfig`` plus ALLoRA's two settings, with CPU-friendly defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+from .gradient import COEFFICIENTS, validate_coefficient, validate_eta
+from .model import DEFAULT_COEFFICIENT, DEFAULT_ETA
+
+
+def accelerator_available() -> bool:
+    """True when a GPU-class accelerator (CUDA/ROCm, XPU, NPU) is present; bf16 and checkpointing pay off there."""
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "npu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
+@dataclass
+class ALLoRAConfig(SFTConfig):
+    """Configuration for :class:`~allora_trl.ALLoRATrainer`: every ``SFTConfig`` field, plus:
+
+    Args:
+        allora_eta (`float`, defaults to 2.0):
+            ALLoRA's eta: the coefficient is ``1/sqrt(||(BA)_i|| + 1/eta^2)``, so it equals eta while ``BA`` is zero
+            (the paper's "effective learning rate is eta times the base learning rate"). Finite and > 0.
+        allora_coefficient (`str`, defaults to ``"weight"``):
+            ``"weight"``: the paper's rule, one coefficient per output row from the row norms of ``BA``.
+            ``"output"``: the paper's ablation, one coefficient per token and output from the LoRA branch output.
+
+    Unlike ``SFTConfig``, ``bf16`` and ``gradient_checkpointing`` default to what suits the machine: on with a GPU
+    (as TRL), off without one (fp32 and no checkpointing: TRL's defaults are about 20 times slower on CPUs without
+    bf16 units). Set them explicitly to override.
+    """
+
+    allora_eta: float = field(
+        default=DEFAULT_ETA,
+        metadata={"help": "ALLoRA eta (> 0): the coefficient 1/sqrt(||(BA)_i|| + 1/eta^2) equals eta at B = 0."},
+    )
+    allora_coefficient: str = field(
+        default=DEFAULT_COEFFICIENT,
+        metadata={
+            "help": "'weight' (the paper's per-row rule) or 'output' (the per-token ablation).",
+            "choices": list(COEFFICIENTS),
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Defaults to True with a GPU (unless fp16), False without one."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Gradient checkpointing. Defaults to True with a GPU, False without one."},
+    )
+
+    def __post_init__(self):
+        self.allora_eta = validate_eta(self.allora_eta, "allora_eta")
+        validate_coefficient(self.allora_coefficient, "allora_coefficient")
+        on_accelerator = accelerator_available() and not self.use_cpu
+        if self.bf16 is None:
+            self.bf16 = on_accelerator and not self.fp16
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = on_accelerator
+        super().__post_init__()
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> ALLoRAConfig:
+        """Convert a ``TrainingArguments`` / ``SFTConfig`` into an ``ALLoRAConfig`` keeping every field's value.
+
+        ``SFTTrainer`` rebuilds any non-``SFTConfig`` args as a plain ``SFTConfig``, which would drop ALLoRA's fields;
+        converting first keeps them. Fields the source class has and ``ALLoRAConfig`` lacks raise, rather than being
+        dropped silently.
+        """
+        if isinstance(args, cls):
+            return args
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict masks the token
+        values.pop("push_to_hub_token", None)  # transformers < 5
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Cannot convert {type(args).__name__} to ALLoRAConfig without losing the fields {unknown}: "
+                "build an ALLoRAConfig (or a subclass of it) directly."
+            )
+        return cls(**values)

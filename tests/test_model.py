@@ -1,0 +1,146 @@
+"""apply_allora on real peft models: layers, config, merge, save/reload, and the errors it must raise."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from allora_trl import ALLORA_CONFIG_NAME, allora_settings, apply_allora, load_allora_adapter, save_allora_adapter
+from allora_trl.variant import ALLoRALinearVariant
+
+
+def peft_model(model_dir, **lora_kwargs):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    config.update(lora_kwargs)
+    return get_peft_model(base, LoraConfig(**config))
+
+
+def randomise_B(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.1
+
+
+def test_apply_sets_scaling_dropout_variant_and_config(tiny_model_dir):
+    model = peft_model(tiny_model_dir, rank_pattern={"q_proj": 8}, alpha_pattern={"k_proj": 3})
+    apply_allora(model, eta=1.5)
+    layers = [m for m in model.modules() if hasattr(m, "lora_variant") and "default" in m.lora_A]
+    assert layers
+    for layer in layers:
+        assert layer.scaling["default"] == 1.0
+        assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+        assert isinstance(layer.lora_variant["default"], ALLoRALinearVariant)
+        assert layer.lora_variant["default"].eta == 1.5
+    config = model.peft_config["default"]
+    assert config.lora_alpha == config.r == 4
+    assert config.alpha_pattern == config.rank_pattern == {"q_proj": 8}
+    assert config.lora_dropout == 0.0
+    assert allora_settings(model).eta == 1.5
+
+
+def test_forward_equals_vanilla_lora_at_scaling_one(tiny_model_dir):
+    model = peft_model(tiny_model_dir, lora_alpha=4, lora_dropout=0.0)
+    randomise_B(model)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 9))
+    vanilla = model(ids).logits
+    apply_allora(model)
+    torch.testing.assert_close(model(ids).logits, vanilla)
+
+
+def test_merge_and_unmerge_equal_vanilla_lora(tiny_model_dir):
+    model = apply_allora(peft_model(tiny_model_dir))
+    randomise_B(model)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 9))
+    unmerged = model(ids).logits
+    for safe in (False, True):
+        model.merge_adapter()
+        torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
+    merged = model.merge_and_unload(safe_merge=True)
+    torch.testing.assert_close(merged(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_adapter_is_plain_lora_and_reloads_identically(tiny_model_dir, tmp_path):
+    model = apply_allora(peft_model(tiny_model_dir), eta=3.0, coefficient="output")
+    randomise_B(model)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 9))
+    expected = model(ids).logits
+    save_allora_adapter(model, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["lora_alpha"] == config["r"] == 4
+    assert config["lora_dropout"] == 0.0
+    assert not any("allora" in key.lower() for key in config)
+    assert set(config) <= set(LoraConfig().to_dict()) | {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "peft_version"}
+    assert json.loads((tmp_path / ALLORA_CONFIG_NAME).read_text())["eta"] == 3.0
+
+    vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).eval()
+    assert not any(m.lora_variant for m in vanilla.modules() if hasattr(m, "lora_variant"))
+    torch.testing.assert_close(vanilla(ids).logits, expected)
+
+    reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).eval()
+    assert allora_settings(reloaded).eta == 3.0 and allora_settings(reloaded).coefficient == "output"
+    torch.testing.assert_close(reloaded(ids).logits, expected)
+
+
+def test_model_gradients_follow_the_rule(tiny_model_dir):
+    """Inside a real model the B gradient equals c * vanilla B gradient, row by row (scaling 1 for both)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 9))
+    grads = {}
+    for use_allora in (False, True):
+        torch.manual_seed(1)  # the same A initialisation in both models
+        model = peft_model(tiny_model_dir, lora_alpha=4, lora_dropout=0.0)
+        randomise_B(model)
+        if use_allora:
+            apply_allora(model, eta=2.0)
+        model(ids, labels=ids).loss.backward()
+        layer = model.base_model.model.model.layers[1].self_attn.q_proj
+        grads[use_allora] = (layer.lora_B["default"].weight.grad.clone(), layer)
+    from allora_trl import weight_coefficient
+
+    layer = grads[True][1]
+    c = weight_coefficient(layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
+    # The forward passes are identical and input gradients are not scaled, so every layer sees the same G:
+    # ALLoRA's B gradient is exactly c_i times vanilla LoRA's, row by row.
+    torch.testing.assert_close(grads[True][0], grads[False][0] * c[:, None], rtol=1e-4, atol=1e-7)
+
+
+def test_no_lora_layers_is_an_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="peft model"):
+        apply_allora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"use_dora": True}, "DoRA"), ({"use_rslora": True}, "rsLoRA"), ({"lora_bias": True}, "lora_bias")],
+)
+def test_dora_rslora_bias_are_errors(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        apply_allora(peft_model(tiny_model_dir, **kwargs))
+
+
+def test_embedding_lora_is_an_error_naming_the_type(tiny_model_dir):
+    model = peft_model(tiny_model_dir, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ValueError, match="Embedding"):
+        apply_allora(model)
+
+
+@pytest.mark.parametrize("eta", [0, -1, float("inf"), float("nan"), "x"])
+def test_bad_eta_is_an_error(tiny_model_dir, eta):
+    with pytest.raises(ValueError, match="eta"):
+        apply_allora(peft_model(tiny_model_dir), eta=eta)
+
+
+def test_bad_coefficient_is_an_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="coefficient.*'weight'"):
+        apply_allora(peft_model(tiny_model_dir), coefficient="rows")
