@@ -66,8 +66,11 @@ class ALLoRAConfig(SFTConfig):
         on_accelerator = accelerator_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = on_accelerator and not self.fp16
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = on_accelerator
+        if getattr(self, "activation_checkpointing", None) is None and self.gradient_checkpointing is None:
+            # transformers >= 5.2x renamed the field to activation_checkpointing (gradient_checkpointing is its
+            # deprecated alias); set the new name where it exists so no deprecation warning is raised.
+            name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
+            setattr(self, name, on_accelerator)
         super().__post_init__()
 
     @classmethod
@@ -81,7 +84,9 @@ class ALLoRAConfig(SFTConfig):
         if isinstance(args, cls):
             return args
         values = args.to_dict()
-        values["hub_token"] = args.hub_token  # to_dict masks the token
+        for key in values:
+            if key.endswith("_token"):  # to_dict masks every "*_token" field (hub_token, but also eos/pad_token)
+                values[key] = getattr(args, key)
         values.pop("push_to_hub_token", None)  # transformers < 5
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(values) - known)

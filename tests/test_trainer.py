@@ -1,0 +1,206 @@
+"""ALLoRATrainer end to end on a tiny Llama: training, saving, reloading, resuming, and bad input."""
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+from trl import SFTConfig
+
+from allora_trl import ALLORA_CONFIG_NAME, ALLoRAConfig, ALLoRATrainer
+from allora_trl.variant import ALLoRALinearVariant
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,  # bf16 / checkpointing: ALLoRAConfig's CPU defaults (off) apply
+        max_length=32,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return ALLoRAConfig(**values)
+
+
+def lora(**kwargs):
+    values = dict(r=4, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    values.update(kwargs)
+    return LoraConfig(**values)
+
+
+def make_trainer(tiny_model_dir, qa_dataset, args, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    kwargs.setdefault("peft_config", lora())
+    return ALLoRATrainer(model=model, args=args, train_dataset=qa_dataset, processing_class=tokenizer, **kwargs)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def adapter_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_training_changes_adapter_not_base_and_logs_stats(tiny_model_dir, qa_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path))
+    layers = [m for m in trainer.model.modules() if getattr(m, "lora_variant", None)]
+    assert layers and all(isinstance(m.lora_variant["default"], ALLoRALinearVariant) for m in layers)
+    base_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_" not in k}
+    lora_before = adapter_state(trainer.model)
+    trainer.train()
+    lora_after = adapter_state(trainer.model)
+    assert all(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before if "lora_B" in k)
+    for k, v in trainer.model.named_parameters():
+        if "lora_" not in k:
+            assert torch.equal(v, base_before[k]), k
+    logged = [entry for entry in trainer.state.log_history if "allora/coefficient_mean" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4, 6]
+    for entry in logged:
+        assert 0 < entry["allora/coefficient_min"] <= entry["allora/coefficient_mean"] <= entry["allora/coefficient_max"] <= 2.0
+        assert entry["allora/row_norm_mean"] > 0
+    # once B has moved away from zero the coefficient drops below eta
+    assert logged[-1]["allora/coefficient_min"] < 2.0
+
+
+def test_saved_adapter_reloads_in_vanilla_peft_and_merges(tiny_model_dir, qa_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, max_steps=3, allora_eta=1.5))
+    trainer.train()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"] and config["lora_dropout"] == 0
+    assert json.loads((out / ALLORA_CONFIG_NAME).read_text())["eta"] == 1.5
+
+    ids = torch.randint(0, 100, (2, 12))
+    trained = trainer.model.eval()
+    expected = trained(ids).logits.detach()
+    vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    torch.testing.assert_close(vanilla(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    merged = vanilla.merge_and_unload()
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, qa_dataset, tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    full = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / "a", **common))
+    full.train()
+
+    first = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / "b", **common), callbacks=[StopAt(3)])
+    first.train()  # interrupted right after the checkpoint at step 3, same schedule as the full run
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
+    assert (checkpoint / ALLORA_CONFIG_NAME).is_file() and (checkpoint / "adapter_config.json").is_file()
+
+    resumed = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / "b", **common))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = adapter_state(full.model), adapter_state(resumed.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_peft_config_is_normalised_with_one_warning(tiny_model_dir, qa_dataset, tmp_path, caplog):
+    config = lora(lora_alpha=16, lora_dropout=0.1, rank_pattern={"q_proj": 8})
+    with caplog.at_level(logging.WARNING, logger="allora_trl.trainer"):
+        trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=config)
+    messages = [r.getMessage() for r in caplog.records if r.name == "allora_trl.trainer"]
+    assert len(messages) == 1
+    assert "lora_alpha 16 -> 4" in messages[0] and "lora_dropout 0.1 -> 0.0" in messages[0]
+    assert "alpha_pattern" in messages[0]
+    saved = trainer.model.peft_config["default"]
+    assert saved.lora_alpha == 4 and saved.lora_dropout == 0 and saved.alpha_pattern == {"q_proj": 8}
+    assert config.lora_alpha == 16  # the user's object is not mutated
+
+
+def test_default_lora_when_no_peft_config(tiny_model_dir, qa_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=None)
+    config = trainer.model.peft_config["default"]
+    assert config.r == config.lora_alpha == 16 and config.lora_dropout == 0
+
+
+def test_existing_peft_model_gets_allora(tiny_model_dir, qa_dataset, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora(lora_alpha=8))
+    trainer = ALLoRATrainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=qa_dataset,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    assert trainer.model.peft_config["default"].lora_alpha == 4
+    assert any(isinstance(v, ALLoRALinearVariant) for m in trainer.model.modules() for v in getattr(m, "lora_variant", {}).values())
+
+
+@pytest.mark.parametrize("source", ["training_arguments", "sft_config"])
+def test_plain_args_are_converted_without_losing_fields(tiny_model_dir, qa_dataset, tmp_path, source):
+    common = dict(output_dir=str(tmp_path / "o"), max_steps=1, learning_rate=1.234e-3, weight_decay=0.07,
+                  logging_steps=1, report_to="none", use_cpu=True, seed=17, warmup_steps=3)
+    if source == "training_arguments":
+        args = TrainingArguments(**common)
+    else:
+        args = SFTConfig(**common, bf16=False, gradient_checkpointing=False, max_length=48)
+    trainer = make_trainer(tiny_model_dir, qa_dataset, args)
+    assert isinstance(trainer.args, ALLoRAConfig)
+    for key in ("learning_rate", "weight_decay", "seed", "warmup_steps", "max_steps", "output_dir"):
+        assert getattr(trainer.args, key) == getattr(args, key), key
+    if source == "sft_config":
+        assert trainer.args.max_length == 48
+    assert trainer.args.allora_eta == 2.0
+
+
+def test_optimizer_groups_are_named_and_keep_weight_decay(tiny_model_dir, qa_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, weight_decay=0.05))
+    optimizer = trainer.create_optimizer()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"lora_A", "lora_B"}
+    assert groups["lora_A"]["weight_decay"] == groups["lora_B"]["weight_decay"] == 0.05
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"allora_eta": 0.0}, "allora_eta"),
+        ({"allora_eta": float("inf")}, "allora_eta"),
+        ({"allora_eta": -2.0}, "allora_eta"),
+        ({"allora_coefficient": "row"}, "allora_coefficient"),
+    ],
+)
+def test_bad_config_values_fail_naming_the_field(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"use_dora": True}, "DoRA"), ({"use_rslora": True}, "rsLoRA")])
+def test_dora_and_rslora_are_rejected_before_training(tiny_model_dir, qa_dataset, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=lora(**kwargs))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_lora_peft_config_is_rejected(tiny_model_dir, qa_dataset, tmp_path):
+    from peft import IA3Config
+
+    with pytest.raises(ValueError, match="LoraConfig"):
+        make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=IA3Config(task_type="CAUSAL_LM"))
+
+
+def test_cpu_defaults_are_fp32_without_checkpointing(tmp_path):
+    args = ALLoRAConfig(output_dir=str(tmp_path), report_to="none")
+    if not torch.cuda.is_available():
+        assert args.bf16 is False and args.gradient_checkpointing is False
+    assert ALLoRAConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=True).gradient_checkpointing
