@@ -31,6 +31,7 @@ JOB_DEFAULTS = {
     "max_length": 256,
     "seed": 0,
     "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,  # no effect without a GPU, and a warning every run
 }
 
 
