@@ -204,3 +204,21 @@ def test_cpu_defaults_are_fp32_without_checkpointing(tmp_path):
     if not torch.cuda.is_available():
         assert args.bf16 is False and args.gradient_checkpointing is False
     assert ALLoRAConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=True).gradient_checkpointing
+
+
+def test_gradient_checkpointing_and_accumulation_give_the_same_adapter(tiny_model_dir, qa_dataset, tmp_path):
+    """The rule lives in the layers' autograd, so recomputation (checkpointing) and micro-batching change nothing."""
+    runs = {
+        "plain": dict(per_device_train_batch_size=4),
+        "checkpointing": dict(per_device_train_batch_size=4, gradient_checkpointing=True,
+                              gradient_checkpointing_kwargs={"use_reentrant": False}),
+        "accumulation": dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    }
+    states = {}
+    for name, overrides in runs.items():
+        trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / name, max_steps=3, **overrides))
+        trainer.train()
+        states[name] = adapter_state(trainer.model)
+    for name in ("checkpointing", "accumulation"):
+        for key, value in states["plain"].items():
+            torch.testing.assert_close(states[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
