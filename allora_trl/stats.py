@@ -12,6 +12,14 @@ import torch
 from .model import allora_variants
 
 
+def update_is_logged(args, state, step: int) -> bool:
+    """Whether optimizer step ``step`` (1-based) will be logged: the rule of transformers' ``DefaultFlowCallback``."""
+    if step == 1 and args.logging_first_step:
+        return True
+    logging_steps = state.logging_steps or args.logging_steps
+    return args.logging_strategy == "steps" and bool(logging_steps) and step % logging_steps == 0
+
+
 def set_allora_stats_recording(model: torch.nn.Module, enabled: bool) -> None:
     """Switch recording of coefficient statistics on or off in every ALLoRA layer of ``model``."""
     for variant in allora_variants(model):

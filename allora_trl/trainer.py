@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from .config import ALLoRAConfig
 from .model import apply_allora, check_lora_config, normalize_lora_config, write_allora_configs
-from .stats import collect_allora_stats, set_allora_stats_recording
+from .stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +117,8 @@ class ALLoRATrainer(SFTTrainer):
 
     # ----- statistics ----------------------------------------------------------------------------------------------
 
-    def _update_is_logged(self) -> bool:
-        """Whether the optimizer update now being computed will be logged (same rule as ``DefaultFlowCallback``)."""
-        if self.args.logging_strategy != "steps":
-            return False
-        step = self.state.global_step + 1
-        logging_steps = self.state.logging_steps or self.args.logging_steps
-        return (step == 1 and self.args.logging_first_step) or (logging_steps > 0 and step % logging_steps == 0)
-
     def training_step(self, *args, **kwargs):
-        record = self._update_is_logged()
+        record = update_is_logged(self.args, self.state, self.state.global_step + 1)
         if record:
             set_allora_stats_recording(self.model, True)
         try:

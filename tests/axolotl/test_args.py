@@ -1,0 +1,89 @@
+"""The plugin's pydantic config model on its own: importable and correct without Axolotl installed.
+
+Not marked ``axolotl``: this runs in the main suite too, and guards that the args model needs no Axolotl.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from allora_trl.integrations.axolotl.args import ALLoRAArgs, check_allora_config
+
+
+def test_args_import_without_axolotl_and_plugin_is_lazy():
+    """`import allora_trl` and the config model import no Axolotl module, even where Axolotl is installed."""
+    code = (
+        "import sys, allora_trl, allora_trl.integrations.axolotl as m; "
+        "assert m.ALLoRAArgs is not None and 'ALLoRAPlugin' in m.__all__; "
+        "print(sorted(n for n in sys.modules if n == 'axolotl' or n.startswith('axolotl.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_fills_alpha_dropout_patterns_and_kernels():
+    data = check_allora_config({"adapter": "allora", "lora_r": 16, "lora_rank_pattern": {"q_proj": 4}})
+    assert data["lora_alpha"] == 16
+    assert data["lora_dropout"] == 0.0
+    assert data["lora_alpha_pattern"] == {"q_proj": 4}
+    assert data["lora_mlp_kernel"] is False and data["lora_qkv_kernel"] is False and data["lora_o_kernel"] is False
+
+
+def test_other_adapters_are_untouched():
+    data = {"adapter": "lora", "lora_r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "peft_use_dora": True}
+    assert check_allora_config(data) == data
+    assert check_allora_config({"adapter": None}) == {"adapter": None}
+
+
+def test_allora_settings_with_other_adapter_warn(caplog):
+    with caplog.at_level("WARNING"):
+        ALLoRAArgs.model_validate({"adapter": "lora", "lora_r": 8, "allora_eta": 1.0})
+    assert "ignored" in caplog.text and "allora_eta" in caplog.text
+
+
+def test_explicit_matching_values_accepted():
+    args = ALLoRAArgs.model_validate(
+        {"adapter": "allora", "lora_r": 4, "lora_alpha": 4, "lora_dropout": 0, "allora_eta": "0.5", "allora_coefficient": "output"}
+    )
+    assert args.allora_eta == 0.5 and args.allora_coefficient == "output"
+    assert ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 4}).allora_eta is None  # default resolved later
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"lora_alpha": 32}, "lora_alpha"),
+        ({"lora_dropout": 0.05}, "lora_dropout"),
+        ({"peft_use_dora": True}, "peft_use_dora"),
+        ({"peft_use_rslora": True}, "peft_use_rslora"),
+        ({"load_in_4bit": True}, "load_in_4bit"),
+        ({"load_in_8bit": True}, "load_in_8bit"),
+        ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
+        ({"lora_target_parameters": ["experts.gate_up_proj"]}, "lora_target_parameters"),
+        ({"lora_rank_pattern": {"q_proj": 4}, "lora_alpha_pattern": {"q_proj": 8}}, "lora_alpha_pattern"),
+        ({"lora_r": None}, "lora_r"),
+        ({"allora_eta": 0}, "allora_eta"),
+        ({"allora_eta": -1.0}, "allora_eta"),
+        ({"allora_eta": math.inf}, "allora_eta"),
+        ({"allora_eta": math.nan}, "allora_eta"),
+        ({"allora_eta": "big"}, "allora_eta"),
+        ({"allora_eta": True}, "allora_eta"),
+        ({"allora_coefficient": "row"}, "allora_coefficient"),
+    ],
+)
+def test_rejections_name_the_field(overrides, field):
+    data = {"adapter": "allora", "lora_r": 8, **overrides}
+    with pytest.raises(ValidationError) as info:
+        ALLoRAArgs.model_validate(data)
+    assert f"`{field}`" in str(info.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ValidationError) as info:
+        ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1})
+    message = str(info.value)
+    assert "`lora_alpha`" in message and "`lora_dropout`" in message
