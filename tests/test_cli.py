@@ -105,3 +105,13 @@ def test_script_arguments_document_every_field():
     from dataclasses import fields
 
     assert all(f.metadata.get("help") for f in fields(TrainScriptArguments))
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "example_configs").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        script, args = parse(["--config", str(config)])
+        assert args.allora_eta > 0 and script.lora_r > 0, config
