@@ -52,6 +52,7 @@ def _fsdp_plugin_settings(args, accelerator) -> dict | None:
             "version": int(getattr(plugin, "fsdp_version", 1)),
             "auto_wrap_policy": str(policy_name).upper(),
             "min_num_params": getattr(plugin, "min_num_params", None),
+            "state_dict_type": str(getattr(plugin, "state_dict_type", "")).upper(),
         }
     plugin_args = getattr(args, "fsdp_plugin_args", None)
     if plugin_args:
@@ -59,6 +60,7 @@ def _fsdp_plugin_settings(args, accelerator) -> dict | None:
             "version": int(plugin_args.get("fsdp_version", 1)),
             "auto_wrap_policy": str(plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper(),
             "min_num_params": plugin_args.get("min_num_params"),
+            "state_dict_type": str(plugin_args.get("state_dict_type", "")).upper(),
         }
     if _truthy(os.environ.get("ACCELERATE_USE_FSDP")):
         min_params = os.environ.get("FSDP_MIN_NUM_PARAMS")
@@ -66,6 +68,7 @@ def _fsdp_plugin_settings(args, accelerator) -> dict | None:
             "version": int(os.environ.get("FSDP_VERSION", "1")),  # accelerate's default when the config omits it
             "auto_wrap_policy": os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").upper(),
             "min_num_params": int(min_params) if min_params else None,
+            "state_dict_type": os.environ.get("FSDP_STATE_DICT_TYPE", "").upper(),
         }
     return None
 
@@ -94,6 +97,15 @@ def check_distributed_setup(args=None, accelerator=None, model=None) -> None:
             "ALLoRA does not support FSDP1 (fsdp_version 1, which is accelerate's default when `fsdp_version` is not "
             "set): transformers wraps each trainable LoRA A/B matrix as its own FSDP1 unit, which is gathered only when "
             "that matrix's own forward runs, so ALLoRA's layer would see sharded weights. Fix: " + FSDP2_CONFIG_HINT + "."
+        )
+    if fsdp is not None and "SHARDED_STATE_DICT" in fsdp.get("state_dict_type", ""):
+        # transformers' save_model writes no adapter file under FSDP with SHARDED_STATE_DICT (only FULL_STATE_DICT
+        # saves one): the run would end without a usable adapter. Gathering only the trainable LoRA weights would
+        # lift this, but cannot be tested without GPUs; until then, fail before training.
+        raise ValueError(
+            "ALLoRA under FSDP needs `fsdp_state_dict_type: FULL_STATE_DICT`: with SHARDED_STATE_DICT transformers' "
+            "save_model writes no adapter file, so the run would end without a usable adapter. Fix: set "
+            "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (see example_configs/accelerate/fsdp2.yaml)."
         )
     if fsdp is not None and model is not None and "SIZE" in fsdp["auto_wrap_policy"]:
         threshold = fsdp["min_num_params"]

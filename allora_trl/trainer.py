@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel
 from trl import SFTTrainer
 
 from .config import ALLoRAConfig
+from .distributed import check_distributed_setup
 from .model import apply_allora, check_lora_config, normalize_lora_config, write_allora_configs
 from .stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
 
@@ -48,6 +49,7 @@ class ALLoRATrainer(SFTTrainer):
         params["peft_config"] = self._resolve_peft_config(params.get("peft_config"), model)
         super().__init__(*bound.args[1:], **bound.kwargs)
         apply_allora(self.model, eta=self.args.allora_eta, coefficient=self.args.allora_coefficient)
+        check_distributed_setup(self.args, self.accelerator, self.model)  # FSDP1 etc.: fail before training
 
     @staticmethod
     def _resolve_args(args, model) -> ALLoRAConfig:

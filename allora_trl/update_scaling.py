@@ -1,0 +1,160 @@
+"""``allora_scale="update"``: the ALLoRA coefficient applied to the optimiser's *update*, not to the gradient.
+
+This is allora-trl's own extension, not part of the paper. Why: ALLoRA (arXiv 2410.09692) scales the gradient of
+row i of ``B`` by ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)``. Under SGD that scales the step of row i by ``c_i``, so at
+``B = 0`` the effective learning rate is ``eta`` times the base one, as the paper says. Adam, however, divides each
+gradient entry by a running estimate of its own magnitude: a per-row factor that changes slowly is divided out
+again, and the rule is (almost) the same as LoRA with ``alpha = r`` and no dropout. ``update`` restores the intended
+effect under any optimiser by rescaling what the optimiser does:
+
+What is scaled, exactly (``c`` is the paper's per-row coefficient computed from the weights *before* the step,
+i.e. the weights the gradients were computed at):
+
+* ``B`` (n_out x r): the optimiser sees the **plain LoRA gradient** (the ALLoRA factor ``c_i`` that the backward
+  pass applied is divided out again before the step, so it is not applied twice), and the change the optimiser
+  makes to row i, weight decay included, is multiplied by ``c_i``.
+* ``A`` (r x n_in): the gradient keeps the ALLoRA rule's weighting of output rows, normalised to mean 1: the
+  optimiser sees ``grad_A(c) / mean(c)``. The change the optimiser makes to ``A`` is multiplied by ``mean(c)``.
+
+Consequences: at ``B = 0`` (``c == eta`` everywhere) one step of any optimiser moves ``B`` by exactly ``eta`` times
+that optimiser's plain step (Adam: ``eta * lr * m/(sqrt(v)+eps)``), i.e. the effective learning rate is
+``eta x lr`` as intended. Under plain SGD without momentum ``update`` is identical to the paper's ``gradient``
+rule (``c_i * lr * g_B`` for B, ``mean(c) * lr * grad_A(c)/mean(c) = lr * grad_A(c)`` for A); with momentum they
+differ only through how ``c`` changes between steps.
+
+Mechanics: an optimiser step pre-hook divides the factors out of the gradients and keeps a copy of ``A`` and ``B``;
+a step post-hook rescales the change ``p_new - p_old``. Only ``coefficient="weight"`` can be used (the per-token
+``"output"`` coefficient cannot be divided out of a summed gradient). Gradient clipping, which the Trainer applies
+before the step, sees the ALLoRA-scaled gradients. It needs each process to hold whole ``A`` and ``B`` matrices:
+single process and DDP, not FSDP or DeepSpeed ZeRO-3 (sharded parameters are rejected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gradient import weight_coefficient
+from .model import iter_lora_layers
+from .variant import ALLoRALinearVariant
+
+SCALES = ("gradient", "update")
+
+
+@dataclass
+class _Pair:
+    """One ALLoRA adapter of one layer: its two weights and its eta."""
+
+    lora_A: torch.nn.Parameter
+    lora_B: torch.nn.Parameter
+    eta: float
+
+
+def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
+    """The ALLoRA (A, B) pairs of ``model`` whose weights are among the ``optimized`` parameter ids."""
+    pairs = []
+    for layer_name, layer in iter_lora_layers(model):
+        for name, variant in layer.lora_variant.items():
+            if not isinstance(variant, ALLoRALinearVariant):
+                continue
+            if id(layer.lora_A[name].weight) not in optimized and id(layer.lora_B[name].weight) not in optimized:
+                continue
+            if variant.coefficient != "weight":
+                raise ValueError(
+                    f"allora_scale='update' needs allora_coefficient='weight'; layer {layer_name!r} adapter {name!r} "
+                    f"uses {variant.coefficient!r} (a per-token coefficient cannot be moved to the update)."
+                )
+            pair = _Pair(layer.lora_A[name].weight, layer.lora_B[name].weight, float(variant.eta))
+            for param in (pair.lora_A, pair.lora_B):
+                if type(param.data) is not torch.Tensor or param.dim() != 2:
+                    raise ValueError(
+                        "allora_scale='update' needs whole (unsharded) LoRA weights in each process: use a single "
+                        f"process or DDP, not FSDP / DeepSpeed ZeRO-3 (layer {layer_name!r} has a "
+                        f"{type(param.data).__name__} of shape {tuple(param.shape)})."
+                    )
+            pairs.append(pair)
+    return pairs
+
+
+class UpdateScaling:
+    """Optimiser hooks that move the ALLoRA coefficient from the gradient to the update (see module docstring).
+
+    Build it with :func:`enable_update_scaling`; ``remove()`` detaches the hooks. ``last_mean_scale`` is the mean
+    of ``c`` over all rows of all layers at the last step (a float tensor, no host sync).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.pairs = _allora_pairs(model, optimized)
+        if not self.pairs:
+            raise ValueError(
+                "allora_scale='update' found no ALLoRA layers whose weights this optimiser updates: call "
+                "apply_allora (or use ALLoRATrainer) before enabling update scaling."
+            )
+        self.optimizer = optimizer
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self.last_mean_scale: torch.Tensor | None = None
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._pending = []
+        total, count = None, 0
+        for pair in self.pairs:
+            A, B = pair.lora_A, pair.lora_B
+            c = weight_coefficient(A, B, pair.eta)  # float32 (n_out,): the c the backward pass used
+            c_mean = c.mean()
+            if B.grad is not None:
+                B.grad.div_(c[:, None].to(B.grad.dtype))  # back to the plain LoRA gradient: c goes on the update
+            if A.grad is not None:
+                A.grad.div_(c_mean.to(A.grad.dtype))  # keep the rule's row weighting, at mean 1
+            old_A = A.detach().clone() if A.grad is not None else None
+            old_B = B.detach().clone() if B.grad is not None else None
+            self._pending.append((c, c_mean, old_A, old_B))
+            total = c.sum() if total is None else total + c.sum()
+            count += c.numel()
+        self.last_mean_scale = None if total is None else total / count
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for pair, (c, c_mean, old_A, old_B) in zip(self.pairs, self._pending):
+            if old_B is not None:
+                B = pair.lora_B
+                # B <- old + c_i * (B - old), row by row
+                B.sub_(old_B).mul_(c[:, None].to(B.dtype)).add_(old_B)
+            if old_A is not None:
+                A = pair.lora_A
+                A.sub_(old_A).mul_(c_mean.to(A.dtype)).add_(old_A)
+        self._pending = []
+
+    def remove(self) -> None:
+        """Detach the hooks: the optimiser behaves as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> UpdateScaling:
+    """Register the ``allora_scale="update"`` hooks on ``optimizer`` for every ALLoRA layer of ``model``.
+
+    ``model`` must already have ALLoRA installed (``apply_allora``); ``optimizer`` must be the optimiser whose
+    ``step`` updates the LoRA weights (an Accelerate-wrapped optimiser's inner ``.optimizer`` also works: hooks
+    registered on it fire when the wrapper steps). Returns the handle; keep it to ``remove()`` the hooks.
+    """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # Accelerate's wrapper steps the inner optimiser, whose hooks then fire
+    return UpdateScaling(optimizer, model)
+
+
+def validate_scale(scale: str, field_name: str = "allora_scale") -> str:
+    """Return ``scale`` if it is ``"gradient"`` or ``"update"``, else raise naming the field and the choices."""
+    if scale not in SCALES:
+        raise ValueError(
+            f"`{field_name}` must be 'gradient' (the paper's rule: c scales the LoRA gradients) or 'update' "
+            f"(allora-trl's extension: c scales the optimiser's update), got {scale!r}."
+        )
+    return scale
