@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from .config import ALLoRAConfig
 from .distributed import check_distributed_setup
-from .model import apply_allora, check_lora_config, normalize_lora_config, write_allora_configs
+from .model import apply_allora, normalize_lora_config, write_allora_configs
 from .stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,13 @@ class ALLoRATrainer(SFTTrainer):
     def _resolve_peft_config(peft_config, model):
         if peft_config is None:
             if isinstance(model, PeftModel):
-                for config in model.peft_config.values():
-                    check_lora_config(config)  # fail before training with the same messages as a peft_config
+                for name, config in model.peft_config.items():
+                    _, changes = normalize_lora_config(config)  # raises before training, as for a peft_config
+                    if changes:  # apply_allora makes these changes once SFTTrainer is built
+                        logger.warning(
+                            "ALLoRATrainer will set adapter %r to ALLoRA's scaling 1 and no dropout: %s",
+                            name, "; ".join(changes),
+                        )
                 return None
             logger.info("ALLoRATrainer: no peft_config given; using the default %s", default_lora_config())
             return default_lora_config()

@@ -132,14 +132,16 @@ def test_default_lora_when_no_peft_config(tiny_model_dir, qa_dataset, tmp_path):
     assert config.r == config.lora_alpha == 16 and config.lora_dropout == 0
 
 
-def test_existing_peft_model_gets_allora(tiny_model_dir, qa_dataset, tmp_path):
+def test_existing_peft_model_gets_allora(tiny_model_dir, qa_dataset, tmp_path, caplog):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora(lora_alpha=8))
-    trainer = ALLoRATrainer(
-        model=model,
-        args=make_args(tmp_path),
-        train_dataset=qa_dataset,
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-    )
+    with caplog.at_level(logging.WARNING, logger="allora_trl.trainer"):
+        trainer = ALLoRATrainer(
+            model=model,
+            args=make_args(tmp_path),
+            train_dataset=qa_dataset,
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        )
+    assert any("lora_alpha 8 -> 4" in r.getMessage() for r in caplog.records)
     assert trainer.model.peft_config["default"].lora_alpha == 4
     assert any(isinstance(v, ALLoRALinearVariant) for m in trainer.model.modules() for v in getattr(m, "lora_variant", {}).values())
 
