@@ -10,6 +10,7 @@ from trl import SFTConfig
 
 from .gradient import COEFFICIENTS, validate_coefficient, validate_eta
 from .model import DEFAULT_COEFFICIENT, DEFAULT_ETA
+from .update_scaling import SCALES
 
 
 def accelerator_available() -> bool:
@@ -34,6 +35,12 @@ class ALLoRAConfig(SFTConfig):
         allora_coefficient (`str`, defaults to ``"weight"``):
             ``"weight"``: the paper's rule, one coefficient per output row from the row norms of ``BA``.
             ``"output"``: the paper's ablation, one coefficient per token and output from the LoRA branch output.
+        allora_scale (`str`, defaults to ``"gradient"``):
+            ``"gradient"``: the paper's rule (the coefficient scales the gradients of A and B). ``"update"``: this
+            project's extension, not the paper's: the coefficient scales the optimizer's *update* of each row of B
+            (and its mean the update of A), so that under Adam the effective learning rate at B = 0 is eta times the
+            base one, as the paper intends. Needs ``allora_coefficient="weight"``; see
+            :mod:`allora_trl.update_scaling`.
 
     Unlike ``SFTConfig``, ``bf16`` and ``gradient_checkpointing`` default to what suits the machine: on with a GPU
     (as TRL), off without one (fp32 and no checkpointing: TRL's defaults are about 20 times slower on CPUs without
@@ -51,6 +58,14 @@ class ALLoRAConfig(SFTConfig):
             "choices": list(COEFFICIENTS),
         },
     )
+    allora_scale: str = field(
+        default="gradient",
+        metadata={
+            "help": "'gradient' (the paper: c scales the A/B gradients) or 'update' (this project's extension: c "
+            "scales the optimizer's update of B's rows, mean(c) that of A).",
+            "choices": list(SCALES),
+        },
+    )
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 mixed precision. Defaults to True with a GPU (unless fp16), False without one."},
@@ -63,6 +78,13 @@ class ALLoRAConfig(SFTConfig):
     def __post_init__(self):
         self.allora_eta = validate_eta(self.allora_eta, "allora_eta")
         validate_coefficient(self.allora_coefficient, "allora_coefficient")
+        if self.allora_scale not in SCALES:
+            raise ValueError(f"`allora_scale` must be one of {', '.join(map(repr, SCALES))}, got {self.allora_scale!r}.")
+        if self.allora_scale == "update" and self.allora_coefficient != "weight":
+            raise ValueError(
+                "`allora_scale='update'` needs `allora_coefficient='weight'`: a per-token coefficient cannot be moved "
+                "from the gradient to the update. Set allora_coefficient='weight' or allora_scale='gradient'."
+            )
         on_accelerator = accelerator_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = on_accelerator and not self.fp16

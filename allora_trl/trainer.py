@@ -21,6 +21,7 @@ from .config import ALLoRAConfig
 from .distributed import check_distributed_setup
 from .model import apply_allora, normalize_lora_config, write_allora_configs
 from .stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
+from .update_scaling import enable_update_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,11 @@ class ALLoRATrainer(SFTTrainer):
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            return super().create_optimizer(model)
-        groups = self.allora_parameter_groups(opt_model)
-        self.optimizer = optimizer_cls(groups, **dict(optimizer_kwargs))
+            super().create_optimizer(model)
+        else:
+            self.optimizer = optimizer_cls(self.allora_parameter_groups(opt_model), **dict(optimizer_kwargs))
+        if self.args.allora_scale == "update":  # the project's extension: c moves from the gradient to the update
+            self.update_scaling = enable_update_scaling(self.optimizer, opt_model)
         return self.optimizer
 
     def allora_parameter_groups(self, model) -> list[dict]:

@@ -224,3 +224,23 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_adapter(tiny_mode
     for name in ("checkpointing", "accumulation"):
         for key, value in states["plain"].items():
             torch.testing.assert_close(states[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("scale, expected_factor", [("gradient", 1.0), ("update", 2.0)])
+def test_allora_scale_update_gives_eta_times_the_adam_step_at_B_zero(tiny_model_dir, qa_dataset, tmp_path, scale, expected_factor):
+    """Adam divides out a gradient factor; allora_scale='update' applies eta to the step instead (the extension)."""
+    lr = 1e-3
+    args = make_args(tmp_path, max_steps=1, learning_rate=lr, lr_scheduler_type="constant", allora_scale=scale,
+                     weight_decay=0.0, optim="adamw_torch")
+    trainer = make_trainer(tiny_model_dir, qa_dataset, args)
+    trainer.train()
+    b_max = max(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    # Adam's first step moves each coordinate by lr * g/(|g| + eps) ~ lr; B started at 0
+    assert b_max == pytest.approx(expected_factor * lr, rel=1e-3)
+
+
+def test_allora_scale_update_needs_the_weight_coefficient(tmp_path):
+    with pytest.raises(ValueError, match="allora_scale"):
+        make_args(tmp_path, allora_scale="update", allora_coefficient="output")
+    with pytest.raises(ValueError, match="allora_scale"):
+        make_args(tmp_path, allora_scale="rows")
