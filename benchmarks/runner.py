@@ -1,0 +1,270 @@
+"""One benchmark run: load SmolLM2, train one method with one optimiser / LR / seed, evaluate, write one JSON.
+
+A run is identified by everything that determines its result (:class:`RunSpec`); its JSON file is written
+atomically when the run has finished, so an interrupted benchmark resumes by skipping every run whose file exists
+with the same spec. Runs with the same seed see the same training examples in the same order (paired).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger("benchmarks")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    lr: float
+    seed: int
+    steps: int
+    split: str  # "select" (LR selection questions) or "report" (reported questions)
+    tasks: tuple[str, ...]
+    eval_limit: int | None
+    batch_size: int
+    max_length: int
+    optim: str = "adamw"  # "adamw" (adamw_torch) or "sgd" (momentum 0.9)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    @property
+    def run_id(self) -> str:
+        clip = "" if self.max_grad_norm == 1.0 else f"__clip{self.max_grad_norm:g}"
+        return f"{self.split}__{self.method}__{self.optim}__lr{self.lr:.3g}__s{self.seed}__n{self.steps}{clip}"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tasks"] = list(self.tasks)
+        return data
+
+
+@dataclass(frozen=True)
+class BaseEvalSpec:
+    """The model before fine-tuning, on the reported questions (a reference row)."""
+
+    split: str
+    tasks: tuple[str, ...]
+    eval_limit: int | None
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.split}__base"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tasks"] = list(self.tasks)
+        return data
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "trl": trl.__version__, "peft": peft.__version__}
+    try:
+        import lm_eval
+
+        out["lm_eval"] = getattr(lm_eval, "__version__", "?")
+    except ImportError:
+        pass
+    return out
+
+
+def result_path(out_dir: Path, spec) -> Path:
+    return Path(out_dir) / "runs" / f"{spec.run_id}.json"
+
+
+def load_result(out_dir: Path, spec) -> dict | None:
+    """The finished result of ``spec`` if its file exists with the same spec (resume), else None."""
+    path = result_path(out_dir, spec)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if data.get("spec") != spec.to_json():
+        logger.warning("%s exists with other settings: it will be re-run and replaced.", path.name)
+        return None
+    return data
+
+
+def write_result(out_dir: Path, spec, data: dict) -> Path:
+    path = result_path(out_dir, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, default=float)
+    os.replace(tmp, path)  # atomic: a file either holds a whole finished run or does not exist
+    return path
+
+
+def _norm_recorder():
+    from transformers import TrainerCallback
+
+    from allora_trl.gradient import lora_row_norms
+    from allora_trl.model import iter_lora_layers
+
+    class NormRecorder(TrainerCallback):
+        """Per optimiser step: mean row norm of the adapter's weight change (scaling * BA) and of BA; step time.
+
+        For DoRA the recorded change is scaling * BA (its magnitude vector is not included).
+        """
+
+        def __init__(self):
+            self.rows: list[dict] = []
+            self._t0 = None
+
+        def _record(self, step, model):
+            import torch
+
+            total = raw = 0.0
+            count = 0
+            with torch.no_grad():
+                for _, layer in iter_lora_layers(model):
+                    for name in layer.active_adapters:
+                        if name not in layer.lora_A:
+                            continue
+                        norms = lora_row_norms(layer.lora_A[name].weight, layer.lora_B[name].weight)
+                        raw += float(norms.sum())
+                        total += float(norms.sum()) * float(layer.scaling[name])
+                        count += norms.numel()
+            self.rows.append({"step": step, "delta_row_norm_mean": total / max(count, 1),
+                              "ba_row_norm_mean": raw / max(count, 1)})
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._record(0, model)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seconds = time.perf_counter() - self._t0 if self._t0 else float("nan")
+            self._record(state.global_step, model)
+            self.rows[-1]["step_s"] = seconds
+
+    return NormRecorder()
+
+
+def load_model(dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from allora_trl.assets import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    return model, tokenizer, path
+
+
+def run_base_eval(spec: BaseEvalSpec, eval_batch_size: int) -> dict:
+    from .data import evaluate
+
+    started = time.time()
+    model, tokenizer, _ = load_model()
+    results = evaluate(model, tokenizer, spec.tasks, spec.split, spec.eval_limit, eval_batch_size)
+    return {"spec": spec.to_json(), "run_id": spec.run_id, "eval": results,
+            "avg_acc": statistics.fmean(r["acc"] for r in results.values()), "wall_s": time.time() - started,
+            "versions": versions()}
+
+
+def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
+    """Train and evaluate one run; returns the JSON-ready result (nothing is written here)."""
+    import torch
+    from transformers import set_seed
+
+    from .data import evaluate, train_dataset
+    from .methods import get_method
+
+    started = time.time()
+    method = get_method(spec.method)
+    set_seed(spec.seed)
+    model, tokenizer, _ = load_model()
+    dataset = train_dataset(spec.tasks, spec.steps * spec.batch_size, spec.seed)
+    recorder = _norm_recorder()
+    with tempfile.TemporaryDirectory(prefix="allora-bench-run-") as tmp:
+        args_kwargs = dict(
+            output_dir=tmp,
+            max_steps=spec.steps,
+            per_device_train_batch_size=spec.batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=spec.lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=spec.warmup_steps,
+            weight_decay=0.0,
+            max_grad_norm=spec.max_grad_norm,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            max_length=spec.max_length,
+            seed=spec.seed,
+            dataloader_num_workers=0,
+            bf16=False,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+        )
+        if spec.optim == "sgd":
+            args_kwargs.update(optim="sgd", optim_args="momentum=0.9")
+        elif spec.optim != "adamw":
+            raise ValueError(f"optim must be 'adamw' or 'sgd', got {spec.optim!r}")
+        trainer = build_trainer_for(method, model, tokenizer, dataset, args_kwargs, recorder)
+        output = trainer.train()
+    history = trainer.state.log_history
+    steps = [r for r in history if "loss" in r and "step" in r]
+    losses = [float(r["loss"]) for r in steps]
+    coefficient = [
+        {"step": r["step"], **{k.split("/", 1)[1]: float(r[k]) for k in r if k.startswith("allora/")}}
+        for r in history
+        if "allora/coefficient_mean" in r
+    ]
+    grad_norms = [float(r["grad_norm"]) for r in steps if "grad_norm" in r]
+    step_times = [r["step_s"] for r in recorder.rows[1:] if "step_s" in r]
+    diverged = not all(math.isfinite(x) for x in losses)
+    results = evaluate(trainer.model, tokenizer, spec.tasks, spec.split, spec.eval_limit, eval_batch_size)
+    tail = [x for x in losses[-max(1, len(losses) // 5):] if math.isfinite(x)]
+    data = {
+        "run_id": spec.run_id,
+        "spec": spec.to_json(),
+        "method": method.describe(),
+        "train": {
+            "loss": losses,
+            "loss_steps": [r["step"] for r in steps],
+            "final_loss": statistics.fmean(tail) if tail else float("nan"),
+            "grad_norm": grad_norms,
+            # steps whose gradient norm exceeds the clipping norm (1.0 for unclipped runs: "would have been")
+            "clipped_fraction": (sum(g > (spec.max_grad_norm or 1.0) for g in grad_norms) / len(grad_norms)
+                                 if grad_norms else 0.0),
+            "coefficient": coefficient,
+            "row_norms": recorder.rows,
+            "step_time_median_s": statistics.median(step_times) if step_times else float("nan"),
+            "train_runtime_s": output.metrics.get("train_runtime"),
+            "diverged": diverged,
+            "examples": len(dataset),
+        },
+        "eval": results,
+        "avg_acc": statistics.fmean(r["acc"] for r in results.values()),
+        "wall_s": time.time() - started,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+    }
+    del trainer, model
+    return data
+
+
+def build_trainer_for(method, model, tokenizer, dataset, args_kwargs, recorder):
+    from .methods import build_trainer
+
+    return build_trainer(method, model, tokenizer, dataset, args_kwargs, callbacks=[recorder])
