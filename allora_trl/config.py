@@ -10,7 +10,7 @@ from trl import SFTConfig
 
 from .gradient import COEFFICIENTS, validate_coefficient, validate_eta
 from .model import DEFAULT_COEFFICIENT, DEFAULT_ETA
-from .update_scaling import SCALES
+from .update_scaling import SCALES, validate_scale
 
 
 def accelerator_available() -> bool:
@@ -78,8 +78,7 @@ class ALLoRAConfig(SFTConfig):
     def __post_init__(self):
         self.allora_eta = validate_eta(self.allora_eta, "allora_eta")
         validate_coefficient(self.allora_coefficient, "allora_coefficient")
-        if self.allora_scale not in SCALES:
-            raise ValueError(f"`allora_scale` must be one of {', '.join(map(repr, SCALES))}, got {self.allora_scale!r}.")
+        validate_scale(self.allora_scale, "allora_scale")
         if self.allora_scale == "update" and self.allora_coefficient != "weight":
             raise ValueError(
                 "`allora_scale='update'` needs `allora_coefficient='weight'`: a per-token coefficient cannot be moved "
