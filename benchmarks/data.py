@@ -67,16 +67,26 @@ def sft_rows(task: str, split: str = "train") -> list[dict]:
     return [sft_row(doc) for doc in task_docs(task, split)]
 
 
-def train_dataset(tasks, n_examples: int, seed: int):
+def train_dataset(tasks, n_examples: int, seed: int, tokenizer=None, max_length: int | None = None):
     """The first ``n_examples`` of the tasks' train splits shuffled together with ``seed`` (a TRL dataset).
 
-    Same seed, same examples in the same order for every method: runs with one seed are paired.
+    Same seed, same examples in the same order for every method: runs with one seed are paired. With ``tokenizer``
+    and ``max_length``, examples longer than ``max_length`` tokens are skipped rather than truncated: SFT truncation
+    keeps the start, so it would cut off the answer (58% of BoolQ's passages exceed 128 tokens).
     """
     from datasets import Dataset
 
     rows = [row for task in tasks for row in sft_rows(task)]
     random.Random(seed).shuffle(rows)
-    return Dataset.from_list(rows[:n_examples])
+    if tokenizer is None or not max_length:
+        return Dataset.from_list(rows[:n_examples])
+    kept = []
+    for row in rows:
+        if len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) <= max_length:
+            kept.append(row)
+            if len(kept) == n_examples:
+                break
+    return Dataset.from_list(kept)
 
 
 def evaluate(model, tokenizer, tasks, which: str, limit: int | None, batch_size: int = 32) -> dict[str, dict]:

@@ -193,7 +193,7 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
     method = get_method(spec.method)
     set_seed(spec.seed)
     model, tokenizer, _ = load_model()
-    dataset = train_dataset(spec.tasks, spec.steps * spec.batch_size, spec.seed)
+    dataset = train_dataset(spec.tasks, spec.steps * spec.batch_size, spec.seed, tokenizer, spec.max_length)
     recorder = _norm_recorder()
     with tempfile.TemporaryDirectory(prefix="allora-bench-run-") as tmp:
         args_kwargs = dict(
