@@ -88,7 +88,7 @@ def analyse(plan, runs: dict) -> dict:
         grid = plan.grid(m)
         row = {}
         for lr in grid:
-            run = runs.get(spec_for(plan, m, lr, plan.select_seed, "select").run_id)
+            run = runs.get(spec_for(plan, plan.lr_leader(m), lr, plan.select_seed, "select").run_id)
             row[lr] = None if run is None else run["avg_acc"]
         edge = len(grid) > 1 and chosen[m] in (grid[0], grid[-1])
         selection[m] = {"scores": row, "chosen": chosen[m], "edge": edge}
@@ -444,6 +444,8 @@ def render(plan, analysis, cost, plots, info, docs_path: Path, command: str, wal
         d = get_method(m).describe()
         sel = analysis["selection"][m]
         chosen = f"{sel['chosen']:g}" + (" (grid edge)" if sel["edge"] else "")
+        if plan.lr_leader(m) != m:
+            chosen += f" (as `{plan.lr_leader(m)}`)"
         lines.append(f"| `{m}` | {d['summary']} | {d['lora_alpha']} | {d['lora_dropout']} | {d['trainer']} | "
                      f"{', '.join(f'{x:g}' for x in plan.grid(m))} | {chosen} |")
     lines += ["", "Notes: `rslora` keeps LoRA's alpha = 2r and switches `use_rslora=True`, so its scaling is "
