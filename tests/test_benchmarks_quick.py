@@ -51,6 +51,34 @@ def test_plans_and_grids():
         main(["--mode", "quick", "--methods", "nope", "--dry-run"])
 
 
+def test_shared_learning_rates_take_the_leaders_choice():
+    from benchmarks.run import build_parser, choose_lr, make_plan, selection_specs, spec_for
+
+    plan = make_plan(build_parser().parse_args(["--mode", "full"]))
+    assert plan.lr_shared["allora0"] == "allora_eta2_4"
+    selected = {spec.method for spec in selection_specs(plan)}
+    assert "allora_eta2_4" in selected and not selected & set(plan.lr_shared)
+    lr = plan.grid("allora_eta2_4")[-1]
+    results = {spec_for(plan, "allora_eta2_4", x, plan.select_seed, "select").run_id: {"avg_acc": 0.5 + (x == lr)}
+               for x in plan.grid("allora_eta2_4")}
+    assert choose_lr(plan, "allora0", results) == choose_lr(plan, "allora_eta2_4", results) == lr
+    # without its leader a method selects its own LR
+    alone = make_plan(build_parser().parse_args(["--mode", "full", "--methods", "allora0,lora"]))
+    assert alone.lr_shared == {} and "allora0" in {spec.method for spec in selection_specs(alone)}
+
+
+def test_rebuilt_report_keeps_the_findings(tmp_path):
+    from benchmarks.report import keep_findings
+
+    docs = tmp_path / "benchmarks.md"
+    new = "# Benchmarks\n\n## How this was produced\n\nnew numbers\n"
+    assert keep_findings(new, docs) == new  # no old report
+    docs.write_text("# old\n\n<!-- findings -->\nALLoRA = ALLoRA-0 under AdamW.\n<!-- /findings -->\n\nold numbers\n")
+    kept = keep_findings(new, docs)
+    assert "ALLoRA = ALLoRA-0 under AdamW." in kept and "new numbers" in kept and "old numbers" not in kept
+    assert kept.index("<!-- findings -->") < kept.index("## How this was produced")
+
+
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
     out, docs = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
