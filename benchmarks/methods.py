@@ -2,8 +2,7 @@
 
 Every method trains rank-16 adapters on all linear layers of the model. What differs is the LoRA configuration,
 the trainer and the optimiser; each method has its own learning-rate grid centred on its usual value (four points
-spanning 8x; full mode uses the three around the default, spanning 4x; the chosen LR is picked on the selection
-split).
+spanning 8x, all searched in full mode; the chosen LR is picked on the selection split).
 """
 
 from __future__ import annotations
