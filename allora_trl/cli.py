@@ -1,5 +1,7 @@
 """The ``allora-trl`` command.
 
+``allora-trl bench [options]`` runs the benchmarks of a source checkout (``python -m benchmarks.run``).
+
 ``allora-trl train [--config FILE.yaml] [--key value ...]`` parses with TRL's ``TrlParser`` (YAML plus command-line
 overrides, as ``trl sft`` does) into :class:`TrainScriptArguments` and :class:`~allora_trl.ALLoRAConfig`. With no
 arguments it fine-tunes SmolLM2-135M-Instruct on ARC-Easy offline (see :mod:`allora_trl.train_job`). Everything is
@@ -132,11 +134,47 @@ def split_list(value: str | None) -> list[str]:
 
 
 USAGE = """usage: allora-trl train [--config FILE.yaml] [--key value ...]
+       allora-trl bench [--mode quick|full] [options]
 
-Fine-tune with ALLoRA (arXiv 2410.09692). With no options: SmolLM2-135M-Instruct on ARC-Easy, offline, a few minutes
-on a CPU. `allora-trl train --help` lists every option (ALLoRAConfig = TRL's SFTConfig + allora_eta,
+train: fine-tune with ALLoRA (arXiv 2410.09692). With no options: SmolLM2-135M-Instruct on ARC-Easy, offline, a few
+minutes on a CPU. `allora-trl train --help` lists every option (ALLoRAConfig = TRL's SFTConfig + allora_eta,
 allora_coefficient).
+bench: ALLoRA against LoRA, DoRA, LoRA+ and rsLoRA (the same as `python -m benchmarks.run` in a source checkout;
+`allora-trl bench --help` lists the options).
 """
+
+
+def run_benchmarks(argv: list[str]) -> int:
+    """``allora-trl bench``: the repository's ``benchmarks`` package, run from the repository root.
+
+    The benchmarks are not installed with the package (they write into the repository: results next to
+    ``docs/benchmarks.md``), so this works from an editable install of a source checkout and says so otherwise.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run.py").is_file():
+        print("allora-trl bench: error: the benchmarks are not part of an installed package. Clone the repository, "
+              "install it with `bash scripts/setup.sh` (editable) and run `allora-trl bench` or "
+              "`python -m benchmarks.run` there.", file=sys.stderr)
+        return 2
+    argv = _absolute_path_options(argv, ("--out", "--docs"))  # the user's paths stay relative to where they are
+    os.chdir(root)  # its default paths (benchmarks/results-full, docs/benchmarks.md) are relative to the root
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.run import main as benchmarks_main
+
+    return benchmarks_main(argv)
+
+
+def _absolute_path_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` with the values of ``options`` (``--opt VALUE`` or ``--opt=VALUE``) made absolute."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if name in options and eq:
+            out[i] = f"{name}={Path(value).expanduser().resolve()}"
+        elif arg in options and i + 1 < len(out):
+            out[i + 1] = str(Path(out[i + 1]).expanduser().resolve())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "bench":
+        return run_benchmarks(rest)
     if command != "train":
         print(f"allora-trl: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

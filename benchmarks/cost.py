@@ -3,7 +3,9 @@
 All methods are adapters of **one** peft model (same frozen weights, same batch); each has its own AdamW. A round
 runs one full training step (forward, backward, optimiser step) of every method, in an order rotated each round, so
 slow drifts of a shared CPU hit all methods alike. Each method's time is divided by the reference's time *in the
-same round* and the ratios are summarised by median and inter-quartile range.
+same round* and the ratios are summarised by median and inter-quartile range. Two clocks: wall time, and the CPU
+time of this process (``time.process_time``), which does not count the time another process held the cores, so it
+is the steadier of the two on a shared machine (it does count torch's threads spinning while they wait).
 
 Memory on a CPU: there is no allocator peak counter, and the process RSS is monotone and shared by all methods, so
 each method's step is run once more under ``torch.profiler`` with ``profile_memory=True``; the allocation and free
@@ -136,13 +138,15 @@ def measure_cost(tasks=("arc_easy",), batch_size: int = 8, max_length: int = 128
             _step(model, optimizer, batch)
 
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
     for r in range(rounds):
         order = list(names[r % len(names):]) + list(names[: r % len(names)])  # rotate: no fixed position
         for name in order:
             optimizer = activate(name)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             _step(model, optimizer, batch)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
         logger.info("cost round %d/%d: %s", r + 1, rounds,
                     ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names))
 
@@ -158,18 +162,22 @@ def measure_cost(tasks=("arc_easy",), batch_size: int = 8, max_length: int = 128
         if profile_ops and name in (REFERENCE, "allora"):
             top_ops[name] = _top_ops(model, optimizer, batch)
 
-    ref_times, ref_mem = times[REFERENCE], memory[REFERENCE]
+    ref_times, ref_cpu, ref_mem = times[REFERENCE], cpu_times[REFERENCE], memory[REFERENCE]
     methods = {}
     for name in names:
         ratios = [t / ref for t, ref in zip(times[name], ref_times)]
+        cpu_ratios = [t / ref for t, ref in zip(cpu_times[name], ref_cpu)]
         methods[name] = {
             "description": COST_METHODS.get(name, name),
             "step_s": median_iqr(times[name]),
             "time_ratio": median_iqr(ratios),
+            "cpu_step_s": median_iqr(cpu_times[name]),
+            "cpu_time_ratio": median_iqr(cpu_ratios),
             "memory": memory[name],
             "step_peak_ratio": memory[name]["step_peak_bytes"] / ref_mem["step_peak_bytes"],
             "total_memory_ratio": memory[name]["total_bytes"] / ref_mem["total_bytes"],
             "times_s": times[name],
+            "cpu_times_s": cpu_times[name],
         }
     return {"reference": REFERENCE, "rounds": rounds, "batch_size": batch_size, "max_length": max_length,
             "tokens": tokens, "padded_tokens": int(batch["input_ids"].numel()), "torch_threads": torch.get_num_threads(),

@@ -115,3 +115,32 @@ def test_example_configs_parse():
     for config in configs:
         script, args = parse(["--config", str(config)])
         assert args.allora_eta > 0 and script.lora_r > 0, config
+
+
+def test_bench_runs_the_repository_benchmarks_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "mine"
+    assert main(["bench", "--mode", "full", "--dry-run", "--out", "mine"]) == 0
+    printed = capsys.readouterr().out
+    assert "Plan (full): 10 methods on arc_easy, boolq, piqa" in printed
+    assert f"Results: {out}" in printed  # the user's relative path, resolved where they ran the command
+    assert not out.exists()  # a dry run writes nothing
+    monkeypatch.chdir(tmp_path)  # main() moved to the repository root; restore for the next call
+    with pytest.raises(SystemExit):  # argparse: the method is named in the error
+        main(["bench", "--mode", "quick", "--methods", "nope", "--dry-run"])
+    assert "nope" in capsys.readouterr().err
+
+
+def test_absolute_path_options_leave_other_arguments_alone(tmp_path, monkeypatch):
+    from allora_trl.cli import _absolute_path_options
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--mode", "quick", "--out", "a", "--docs=b/c.md", "--tasks", "piqa"]
+    assert _absolute_path_options(argv, ("--out", "--docs")) == [
+        "--mode", "quick", "--out", str(tmp_path / "a"), f"--docs={tmp_path / 'b' / 'c.md'}", "--tasks", "piqa"]
+
+
+def test_usage_names_both_commands(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "allora-trl train" in usage and "allora-trl bench" in usage
