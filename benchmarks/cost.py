@@ -4,8 +4,8 @@ All methods are adapters of **one** peft model (same frozen weights, same batch)
 runs one full training step (forward, backward, optimiser step) of every method, in an order rotated each round, so
 slow drifts of a shared CPU hit all methods alike. Each method's time is divided by the reference's time *in the
 same round* and the ratios are summarised by median and inter-quartile range. Two clocks: wall time, and the CPU
-time of this process (``time.process_time``), which does not count the time another process held the cores, so it
-is the steadier of the two on a shared machine (it does count torch's threads spinning while they wait).
+time of this process (``time.process_time``), which does not count the time another process held the cores (it
+does count torch's threads spinning while they wait for each other, so it is not free of noise either).
 
 Memory on a CPU: there is no allocator peak counter, and the process RSS is monotone and shared by all methods, so
 each method's step is run once more under ``torch.profiler`` with ``profile_memory=True``; the allocation and free

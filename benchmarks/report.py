@@ -411,7 +411,7 @@ def render(plan, analysis, cost, plots, info, docs_path: Path, command: str, wal
         "",
         "## How this was produced", "",
         f"```\n{command}\n```", "",
-        f"* Mode: **{plan.mode}**. Generated {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of this invocation "
+        f"* Mode: **{plan.mode}**. Generated {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of the benchmark run "
         f"{'n/a' if wall_s is None else f'{wall_s / 60:.1f} min'}, compute summed over all runs "
         f"{compute_s / 60:.1f} min.",
         f"* Machine: {info['cpu']}, {info['cores']} cores ({info.get('torch_threads', '?')} torch threads), "
@@ -603,7 +603,7 @@ def _cost_section(cost, plots, docs_dir, layer=None) -> list[str]:
              "events (activations, gradients, temporaries), and the total with the frozen model, the adapter and "
              "its Adam state.", "",
              "Times are given by two clocks: wall time, and the process's CPU time, which does not count time "
-             "another process held the cores (the steadier of the two on a shared machine).", "",
+             "another process held the cores (but does count torch's threads waiting for each other).", "",
              f"| method | step time (median [IQR], s) | wall time / `{ref}` (median [IQR]) | CPU time / `{ref}` "
              f"(median [IQR]) | step peak MiB | step peak / `{ref}` | total MiB | total / `{ref}` |",
              "|---|---|---|---|---|---|---|---|"]
@@ -625,8 +625,8 @@ def _cost_section(cost, plots, docs_dir, layer=None) -> list[str]:
         iqr = allora["time_ratio"]["q3"] - allora["time_ratio"]["q1"]
         if iqr > 0.04:
             lines.append(f"The wall-time ratio's IQR ({iqr:.3f}) is wider than the 2% target: on this (shared) CPU "
-                         "the timing noise is larger than the effect; see the CPU-time ratio and the layer "
-                         "micro-benchmark for tighter measurements.")
+                         "the timing noise is larger than the effect; the layer micro-benchmark (one thread) "
+                         "is the tighter measurement.")
     if cost.get("top_ops"):
         lines += ["", "Where the time goes (one profiled step; the profiler's own overhead inflates small ops):", "",
                   "| op | " + " | ".join(f"`{n}` self ms (calls)" for n in cost["top_ops"]) + " |",
@@ -756,9 +756,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the results folder of a benchmark run")
     parser.add_argument("--docs", required=True, help="where to write the Markdown report")
-    parser.add_argument("--command", default="", help="the command to show in the report")
+    parser.add_argument("--command", default="", help="the command to show in the report (default: the one in "
+                        "OUT/summary.json, i.e. the run's own)")
     args = parser.parse_args(argv)
-    summary = write_report(Path(args.out), Path(args.docs), command=args.command)
+    out = Path(args.out)
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    # A rebuild (new report text, same runs) keeps the benchmark run's own command and wall time.
+    summary = write_report(out, Path(args.docs), command=args.command or previous.get("command", ""),
+                           wall_s=previous.get("wall_s"))
     print(f"Report: {summary['docs']}")
     return 0
 
