@@ -1,0 +1,38 @@
+"""The recorded benchmark is what its committed raw runs say: rebuilding the report from them reproduces it.
+
+``docs/benchmarks.md`` is generated from ``benchmarks/results-full`` (one JSON per training run, the cost
+measurement, the plan). A report edited by hand, or left behind by a run whose files were not committed, fails here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results-full"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def _numbers_part(text: str) -> str:
+    """From the results table to the end, without the lines that record when and under what load it was made."""
+    body = text[text.index("## Results"):]
+    return "\n".join(line for line in body.splitlines() if "Load average" not in line and "Generated" not in line)
+
+
+@pytest.mark.skipif(not (RESULTS / "plan.json").is_file(), reason="no full-mode benchmark recorded")
+def test_report_rebuilt_from_the_committed_runs_matches_docs(tmp_path):
+    from benchmarks.report import write_report
+
+    out = tmp_path / "results"
+    shutil.copytree(RESULTS, out)  # the rebuild rewrites plots and summary.json: leave the committed ones alone
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    shutil.copy(DOCS, docs)  # the hand-written findings block is carried over from here
+    write_report(out, docs)
+    committed, rebuilt = DOCS.read_text(), docs.read_text()
+    assert "<!-- findings -->" in rebuilt and "## Findings" in rebuilt
+    assert _numbers_part(rebuilt) == _numbers_part(committed).replace("](../benchmarks/results-full/", "](../results/")
+    assert len(list((RESULTS / "runs").glob("*.json"))) >= 60  # every training run of the full mode is committed
