@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", help="comma-separated: boolq, piqa, socialiqa, hellaswag, winogrande, arc_easy, "
                         "arc_challenge, openbookqa (full default: arc_easy,boolq,piqa)")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
-    parser.add_argument("--out", help="results folder (full default: benchmarks/results-full, committed with the report; quick: a new temp folder)")
+    parser.add_argument("--out", help=f"results folder (full default: {FULL_RESULTS}, committed with the report; "
+                        "quick: a new temp folder)")
     parser.add_argument("--docs", help="Markdown report path (full default: docs/benchmarks.md; quick: OUT/benchmarks.md)")
     parser.add_argument("--steps", type=int, help="optimiser steps per run")
     parser.add_argument("--batch-size", type=int, help="examples per optimiser step")
