@@ -5,8 +5,8 @@ drop-in replacements for TRL's ``SFTTrainer`` / ``SFTConfig``. The trainer is im
 the package (e.g. from the Axolotl plugin) does not import TRL.
 """
 
-from .gradient import allora_lora_forward, lora_row_norms, weight_coefficient
-from .model import (
+from .core.gradient import allora_lora_forward, lora_row_norms, weight_coefficient
+from .core.model import (
     ALLORA_CONFIG_NAME,
     ALLoRASettings,
     allora_settings,
@@ -17,7 +17,7 @@ from .model import (
     save_allora_adapter,
     write_allora_configs,
 )
-from .stats import collect_allora_stats, set_allora_stats_recording
+from .core.stats import collect_allora_stats, set_allora_stats_recording
 
 __version__ = "0.1.0"
 
@@ -43,11 +43,11 @@ __all__ = [
 
 def __getattr__(name):
     if name == "ALLoRAConfig":
-        from .config import ALLoRAConfig
+        from .trainers.config import ALLoRAConfig
 
         return ALLoRAConfig
     if name == "ALLoRATrainer":
-        from .trainer import ALLoRATrainer
+        from .trainers.sft import ALLoRATrainer
 
         return ALLoRATrainer
     raise AttributeError(f"module 'allora_trl' has no attribute {name!r}")

@@ -38,7 +38,7 @@ def _build(model, names):
     from peft import LoraConfig, get_peft_model
 
     from allora_trl import apply_allora
-    from allora_trl.update_scaling import enable_update_scaling
+    from allora_trl.core.update_scaling import enable_update_scaling
 
     def config(alpha, dropout, dora=False):
         return LoraConfig(r=16, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",

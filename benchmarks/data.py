@@ -9,16 +9,16 @@ The reported split is never the one learning rates are chosen on:
 
 Evaluation subsets (``limit`` questions) are a fixed random sample of those pools, the same for every run, so runs
 are compared on the same questions. Scoring is lm-eval's ``multiple_choice`` acc / acc_norm through
-:func:`allora_trl.evaluation.evaluate_docs` (WinoGrande in lm-eval's partial-scoring form, see
-:func:`allora_trl.assets.commonsense_docs`), with per-question correctness kept for the record.
+:func:`allora_trl.job.evaluation.evaluate_docs` (WinoGrande in lm-eval's partial-scoring form, see
+:func:`allora_trl.job.assets.commonsense_docs`), with per-question correctness kept for the record.
 """
 
 from __future__ import annotations
 
 import random
 
-from allora_trl.assets import COMMONSENSE_TASKS, commonsense_docs, resolve_task, sft_row
-from allora_trl.evaluation import evaluate_docs
+from allora_trl.job.assets import COMMONSENSE_TASKS, commonsense_docs, resolve_task, sft_row
+from allora_trl.job.evaluation import evaluate_docs
 
 SPLIT_SEED = 20241013  # fixed: the validation halves never change between runs or machines
 SAMPLE_SEED = 1234  # fixed: which questions of a pool are evaluated
@@ -63,7 +63,7 @@ def eval_docs(task: str, which: str, limit: int | None) -> list[dict]:
 
 
 def sft_rows(task: str, split: str = "train") -> list[dict]:
-    """Prompt/completion pairs of a task's split (:func:`allora_trl.assets.sft_row`)."""
+    """Prompt/completion pairs of a task's split (:func:`allora_trl.job.assets.sft_row`)."""
     return [sft_row(doc) for doc in task_docs(task, split)]
 
 
@@ -92,7 +92,7 @@ def train_dataset(tasks, n_examples: int, seed: int, tokenizer=None, max_length:
 def evaluate(model, tokenizer, tasks, which: str, limit: int | None, batch_size: int = 32) -> dict[str, dict]:
     """``{task: {"acc", "acc_stderr", "acc_norm", "n", "correct": [0/1 per question, in doc order]}}`` via lm-eval.
 
-    :func:`allora_trl.evaluation.evaluate_docs` on the benchmark's own pools, with the per-question results kept
+    :func:`allora_trl.job.evaluation.evaluate_docs` on the benchmark's own pools, with the per-question results kept
     (paired comparisons across methods need them).
     """
     docs = {resolve_task(task): eval_docs(resolve_task(task), which, limit) for task in tasks}

@@ -28,7 +28,7 @@ class Method:
     trainer: str = "sft"  # "sft" (TRL SFTTrainer) or "allora" (ALLoRATrainer)
     eta: float | None = None
     coefficient: str = "weight"
-    scale: str = "gradient"  # "update": allora-trl's extension (allora_trl.update_scaling)
+    scale: str = "gradient"  # "update": allora-trl's extension (allora_trl.core.update_scaling)
     use_dora: bool = False
     use_rslora: bool = False
     loraplus_ratio: float | None = None
@@ -110,7 +110,7 @@ def build_trainer(method: Method, model, tokenizer, dataset, args_kwargs: dict, 
         cls = ALLoRATrainer
         if method.scale == "update":
             if "allora_scale" in {f.name for f in dataclasses.fields(ALLoRAConfig)}:
-                extra["allora_scale"] = "update"  # the trainer wires allora_trl.update_scaling itself
+                extra["allora_scale"] = "update"  # the trainer wires allora_trl.core.update_scaling itself
             else:
                 cls = _update_scaled_trainer()
         args = ALLoRAConfig(**args_kwargs, allora_eta=method.eta, allora_coefficient=method.coefficient, **extra)
@@ -139,7 +139,7 @@ def build_trainer(method: Method, model, tokenizer, dataset, args_kwargs: dict, 
 def _update_scaled_trainer():
     """ALLoRATrainer with ``allora_scale="update"`` (until ``ALLoRAConfig`` has the field; see update_scaling.py)."""
     from allora_trl import ALLoRATrainer
-    from allora_trl.update_scaling import enable_update_scaling
+    from allora_trl.core.update_scaling import enable_update_scaling
 
     class UpdateScaledALLoRATrainer(ALLoRATrainer):
         def create_optimizer(self, model=None):

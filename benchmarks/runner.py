@@ -114,8 +114,8 @@ def write_result(out_dir: Path, spec, data: dict) -> Path:
 def _norm_recorder():
     from transformers import TrainerCallback
 
-    from allora_trl.gradient import lora_row_norms
-    from allora_trl.model import iter_lora_layers
+    from allora_trl.core.gradient import lora_row_norms
+    from allora_trl.core.model import iter_lora_layers
 
     class NormRecorder(TrainerCallback):
         """Per optimiser step: mean row norm of the adapter's weight change (scaling * BA) and of BA; step time.
@@ -162,7 +162,7 @@ def load_model(dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allora_trl.assets import smollm2_path
+    from allora_trl.job.assets import smollm2_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

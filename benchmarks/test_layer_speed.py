@@ -101,7 +101,7 @@ def test_layer_forward_backward(benchmark, kind):
 @pytest.mark.benchmark(group=STEP)
 @pytest.mark.parametrize("kind", ["lora", "allora", "allora_update"])
 def test_layer_training_step(benchmark, kind):
-    from allora_trl.update_scaling import enable_update_scaling
+    from allora_trl.core.update_scaling import enable_update_scaling
 
     _threads()
     model, x, grad = build(kind)

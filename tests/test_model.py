@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from allora_trl import ALLORA_CONFIG_NAME, allora_settings, apply_allora, load_allora_adapter, save_allora_adapter
-from allora_trl.variant import ALLoRALinearVariant
+from allora_trl.core.variant import ALLoRALinearVariant
 
 
 def peft_model(model_dir, **lora_kwargs):

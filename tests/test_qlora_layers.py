@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from allora_trl import apply_allora, weight_coefficient
-from allora_trl.variant import ALLoRALinearVariant
+from allora_trl.core.variant import ALLoRALinearVariant
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the test extra: pip install -e .[test]")
 

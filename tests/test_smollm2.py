@@ -3,7 +3,7 @@
 import pytest
 
 from allora_trl import ALLoRAConfig, ALLoRATrainer
-from allora_trl.assets import commonsense_sft_dataset, smollm2_path
+from allora_trl.job.assets import commonsense_sft_dataset, smollm2_path
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 from trl import SFTConfig
 
 from allora_trl import ALLORA_CONFIG_NAME, ALLoRAConfig, ALLoRATrainer
-from allora_trl.variant import ALLoRALinearVariant
+from allora_trl.core.variant import ALLoRALinearVariant
 
 
 def make_args(tmp_path, **overrides):
@@ -115,9 +115,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, qa_dat
 
 def test_peft_config_is_normalised_with_one_warning(tiny_model_dir, qa_dataset, tmp_path, caplog):
     config = lora(lora_alpha=16, lora_dropout=0.1, rank_pattern={"q_proj": 8})
-    with caplog.at_level(logging.WARNING, logger="allora_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="allora_trl.trainers.sft"):
         trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=config)
-    messages = [r.getMessage() for r in caplog.records if r.name == "allora_trl.trainer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "allora_trl.trainers.sft"]
     assert len(messages) == 1
     assert "lora_alpha 16 -> 4" in messages[0] and "lora_dropout 0.1 -> 0.0" in messages[0]
     assert "alpha_pattern" in messages[0]
@@ -134,7 +134,7 @@ def test_default_lora_when_no_peft_config(tiny_model_dir, qa_dataset, tmp_path):
 
 def test_existing_peft_model_gets_allora(tiny_model_dir, qa_dataset, tmp_path, caplog):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora(lora_alpha=8))
-    with caplog.at_level(logging.WARNING, logger="allora_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="allora_trl.trainers.sft"):
         trainer = ALLoRATrainer(
             model=model,
             args=make_args(tmp_path),

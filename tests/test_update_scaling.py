@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from allora_trl import apply_allora
-from allora_trl.gradient import weight_coefficient
-from allora_trl.update_scaling import enable_update_scaling, validate_scale
+from allora_trl.core.gradient import weight_coefficient
+from allora_trl.core.update_scaling import enable_update_scaling, validate_scale
 
 
 class TwoLayer(torch.nn.Module):

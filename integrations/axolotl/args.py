@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from allora_trl.gradient import COEFFICIENTS, validate_coefficient, validate_eta
+from allora_trl.core.gradient import COEFFICIENTS, validate_coefficient, validate_eta
 
 LOG = logging.getLogger(__name__)
 

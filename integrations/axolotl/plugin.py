@@ -23,7 +23,7 @@ from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from allora_trl.model import (
+from allora_trl.core.model import (
     ALLORA_CONFIG_NAME,
     DEFAULT_COEFFICIENT,
     DEFAULT_ETA,
@@ -33,7 +33,7 @@ from allora_trl.model import (
     read_allora_config,
     write_allora_configs,
 )
-from allora_trl.stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
+from allora_trl.core.stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
 
 from .args import ADAPTER_NAME
 

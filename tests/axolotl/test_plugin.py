@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, Tra
 
 from allora_trl import ALLORA_CONFIG_NAME, apply_allora, save_allora_adapter  # noqa: E402
 from allora_trl.integrations.axolotl import ALLoRACallback, ALLoRAPlugin  # noqa: E402
-from allora_trl.model import iter_lora_layers  # noqa: E402
-from allora_trl.variant import ALLoRALinearVariant  # noqa: E402
+from allora_trl.core.model import iter_lora_layers  # noqa: E402
+from allora_trl.core.variant import ALLoRALinearVariant  # noqa: E402
 
 
 def load_model(cfg):

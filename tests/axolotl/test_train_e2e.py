@@ -1,6 +1,6 @@
 """End to end: ``axolotl train`` (which runs ``accelerate launch -m axolotl.cli.train``) on the example config.
 
-Uses SmolLM2-135M-Instruct from ``allora_trl.assets.smollm2_path()`` when it can be had offline, else the tiny
+Uses SmolLM2-135M-Instruct from ``allora_trl.job.assets.smollm2_path()`` when it can be had offline, else the tiny
 random Llama of the shared fixtures; 3 steps of 64 tokens on CPU either way.
 """
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.axolotl, pytest.mark.slow]
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from allora_trl.model import iter_lora_layers  # noqa: E402
+from allora_trl.core.model import iter_lora_layers  # noqa: E402
 
 STEPS = 3
 
@@ -28,7 +28,7 @@ STEPS = 3
 def base_model(request) -> str:
     """SmolLM2 if its package (or the converted cache) is available, else the tiny random Llama."""
     try:
-        from allora_trl.assets import smollm2_path
+        from allora_trl.job.assets import smollm2_path
 
         return smollm2_path()
     except (ImportError, FileNotFoundError) as exc:

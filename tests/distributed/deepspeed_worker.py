@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from allora_trl import set_allora_stats_recording  # noqa: E402
-from allora_trl.model import allora_variants  # noqa: E402
+from allora_trl.core.model import allora_variants  # noqa: E402
 
 from dist_common import GLOBAL_BATCH, build_model, local_batch, loss_on  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from allora_trl import collect_allora_stats, save_allora_adapter, set_allora_stats_recording
-from allora_trl.model import allora_variants
+from allora_trl.core.model import allora_variants
 
 from dist_common import build_model, global_batch, lora_state, loss_on, make_optimizer
 from dist_launch import torchrun

@@ -1,4 +1,4 @@
-"""Start-up checks (allora_trl.distributed) and the shipped accelerate configs, without launching anything.
+"""Start-up checks (allora_trl.core.distributed) and the shipped accelerate configs, without launching anything.
 
 The configs are read by accelerate's own ``accelerate launch`` argument handling, which produces the environment a
 launched process would see; ``check_distributed_setup`` must accept every shipped config and reject FSDP1.
@@ -15,7 +15,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 
-from allora_trl.distributed import check_distributed_setup
+from allora_trl.core.distributed import check_distributed_setup
 
 from dist_common import build_model
 

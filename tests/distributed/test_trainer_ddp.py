@@ -8,7 +8,7 @@ The user's command, unchanged except for what a machine without GPUs needs:
 against ``python -m allora_trl.cli train --config job.yaml --per_device_train_batch_size 8`` (global batch 8 in
 both). ``use_cpu: true`` in job.yaml is the CPU workaround: accelerate only forms a multi-CPU (gloo) DDP group when
 the Accelerator is created with ``cpu=True``; without it each process would silently train alone (the check in
-``allora_trl.distributed`` turns that into an error). ``--mixed_precision no`` keeps fp32 (the shipped config asks
+``allora_trl.core.distributed`` turns that into an error). ``--mixed_precision no`` keeps fp32 (the shipped config asks
 for bf16, which CPUs would honour in autocast).
 
 Compared: the final adapters after 4 SGD steps (atol 1e-5), the logged losses and ALLoRA coefficient statistics at

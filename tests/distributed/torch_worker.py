@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from allora_trl import collect_allora_stats, save_allora_adapter, set_allora_stats_recording
-from allora_trl.model import allora_variants
+from allora_trl.core.model import allora_variants
 
 from dist_common import build_model, local_batch, lora_state, loss_on, make_optimizer
 

@@ -69,7 +69,7 @@ def write_task(folder: Path, name: str, docs: list[dict]) -> str:
 
 def evaluate_docs(model, tokenizer, docs_by_name: dict[str, list[dict]], batch_size: int = 16,
                   per_question: bool = False) -> dict[str, dict]:
-    """Score named lists of examples (from :func:`~allora_trl.assets.commonsense_docs`) with lm-eval.
+    """Score named lists of examples (from :func:`~allora_trl.job.assets.commonsense_docs`) with lm-eval.
 
     Returns ``{name: {"acc", "acc_stderr", "acc_norm", "n"}}``, plus ``"correct"`` (0/1 per example, in the given
     order) with ``per_question=True``, for paired comparisons. A peft model in memory works as is.

@@ -18,10 +18,10 @@ from peft import LoraConfig, PeftModel
 from trl import SFTTrainer
 
 from .config import ALLoRAConfig
-from .distributed import check_distributed_setup
-from .model import apply_allora, normalize_lora_config, write_allora_configs
-from .stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
-from .update_scaling import enable_update_scaling
+from ..core.distributed import check_distributed_setup
+from ..core.model import apply_allora, normalize_lora_config, write_allora_configs
+from ..core.stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
+from ..core.update_scaling import enable_update_scaling
 
 logger = logging.getLogger(__name__)
 

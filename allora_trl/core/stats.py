@@ -1,7 +1,7 @@
 """ALLoRA statistics for logging: coefficient min / mean / max and the mean row norm of BA.
 
 Each layer records its statistics during backward only while recording is switched on (see
-:class:`~allora_trl.gradient.CoefficientStats`); values stay on the device until :func:`collect_allora_stats`
+:class:`~allora_trl.core.gradient.CoefficientStats`); values stay on the device until :func:`collect_allora_stats`
 reads them all with one transfer, so steps that are not logged pay nothing and synchronise nothing.
 """
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .assets import commonsense_sft_dataset, smollm2_path
-from .cli import split_list
+from .arguments import split_list
 
 logger = logging.getLogger("allora_trl")
 
@@ -59,7 +59,7 @@ def run_training(script_args, training_args) -> dict:
 
     from .evaluation import evaluate_multiple_choice
     from .plots import plot_loss_curve
-    from .trainer import ALLoRATrainer
+    from ..trainers.sft import ALLoRATrainer
 
     started = time.time()
     # Data first: a malformed dataset must fail before the model is loaded or anything is written.

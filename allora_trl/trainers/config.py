@@ -8,9 +8,9 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .gradient import COEFFICIENTS, validate_coefficient, validate_eta
-from .model import DEFAULT_COEFFICIENT, DEFAULT_ETA
-from .update_scaling import SCALES, validate_scale
+from ..core.gradient import COEFFICIENTS, validate_coefficient, validate_eta
+from ..core.model import DEFAULT_COEFFICIENT, DEFAULT_ETA
+from ..core.update_scaling import SCALES, validate_scale
 
 
 def accelerator_available() -> bool:
@@ -40,7 +40,7 @@ class ALLoRAConfig(SFTConfig):
             project's extension, not the paper's: the coefficient scales the optimizer's *update* of each row of B
             (and its mean the update of A), so that under Adam the effective learning rate at B = 0 is eta times the
             base one, as the paper intends. Needs ``allora_coefficient="weight"``; see
-            :mod:`allora_trl.update_scaling`.
+            :mod:`allora_trl.core.update_scaling`.
 
     Unlike ``SFTConfig``, ``bf16`` and ``gradient_checkpointing`` default to what suits the machine: on with a GPU
     (as TRL), off without one (fp32 and no checkpointing: TRL's defaults are about 20 times slower on CPUs without
