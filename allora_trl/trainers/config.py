@@ -1,4 +1,4 @@
-"""``ALLoRAConfig``: TRL's ``SFTConfig`` plus ALLoRA's two settings, with CPU-friendly defaults."""
+"""ALLoRA's training settings (:class:`ALLoRAArguments`, defined once) and ``ALLoRAConfig``, TRL's ``SFTConfig`` plus them."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ def accelerator_available() -> bool:
 
 
 @dataclass
-class ALLoRAConfig(SFTConfig):
-    """Configuration for :class:`~allora_trl.ALLoRATrainer`: every ``SFTConfig`` field, plus:
+class ALLoRAArguments:
+    """ALLoRA's settings, added to a TRL trainer config by inheritance (``ALLoRADPOConfig(ALLoRAArguments, DPOConfig)``).
+
+    The one definition of ALLoRA's fields for every trainer:
 
     Args:
         allora_eta (`float`, defaults to 2.0):
@@ -39,10 +41,10 @@ class ALLoRAConfig(SFTConfig):
             ``"gradient"``: the paper's rule (the coefficient scales the gradients of A and B). ``"update"``: this
             project's extension, not the paper's: the coefficient scales the optimizer's *update* of each row of B
             (and its mean the update of A), so that under Adam the effective learning rate at B = 0 is eta times the
-            base one, as the paper intends. Needs ``allora_coefficient="weight"``; see
-            :mod:`allora_trl.core.update_scaling`.
+            base one, as the paper intends. Needs ``allora_coefficient="weight"`` and whole (unsharded) LoRA weights:
+            single process or DDP, not FSDP or DeepSpeed. See :mod:`allora_trl.core.update_scaling`.
 
-    Unlike ``SFTConfig``, ``bf16`` and ``gradient_checkpointing`` default to what suits the machine: on with a GPU
+    Unlike TRL's configs, ``bf16`` and ``gradient_checkpointing`` default to what suits the machine: on with a GPU
     (as TRL), off without one (fp32 and no checkpointing: TRL's defaults are about 20 times slower on CPUs without
     bf16 units). Set them explicitly to override.
     """
@@ -76,6 +78,13 @@ class ALLoRAConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if getattr(self, "use_vllm", False):
+            # GRPO / RLOO: generation in vLLM runs on weights synced by merging the adapter; that path cannot be
+            # tested without a GPU here, so it is refused rather than trusted.
+            raise ValueError(
+                "ALLoRA does not support `use_vllm=True` yet (generation in vLLM is untested with ALLoRA adapters). "
+                "Set use_vllm=False: completions are then generated with transformers, through peft's forward."
+            )
         self.allora_eta = validate_eta(self.allora_eta, "allora_eta")
         validate_coefficient(self.allora_coefficient, "allora_coefficient")
         validate_scale(self.allora_scale, "allora_scale")
@@ -95,11 +104,11 @@ class ALLoRAConfig(SFTConfig):
         super().__post_init__()
 
     @classmethod
-    def from_training_arguments(cls, args: TrainingArguments) -> ALLoRAConfig:
-        """Convert a ``TrainingArguments`` / ``SFTConfig`` into an ``ALLoRAConfig`` keeping every field's value.
+    def from_training_arguments(cls, args: TrainingArguments):
+        """Convert a ``TrainingArguments`` (or the parent TRL config) into this config, keeping every field's value.
 
-        ``SFTTrainer`` rebuilds any non-``SFTConfig`` args as a plain ``SFTConfig``, which would drop ALLoRA's fields;
-        converting first keeps them. Fields the source class has and ``ALLoRAConfig`` lacks raise, rather than being
+        TRL's trainers rebuild any args that are not their own config class as a plain one, which would drop ALLoRA's
+        fields; converting first keeps them. Fields the source class has and ``ALLoRAConfig`` lacks raise, rather than being
         dropped silently.
         """
         if isinstance(args, cls):
@@ -113,7 +122,23 @@ class ALLoRAConfig(SFTConfig):
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
-                f"Cannot convert {type(args).__name__} to ALLoRAConfig without losing the fields {unknown}: "
-                "build an ALLoRAConfig (or a subclass of it) directly."
+                f"Cannot convert {type(args).__name__} to {cls.__name__} without losing the fields {unknown}: "
+                f"build a {cls.__name__} (or a subclass of it) directly."
             )
         return cls(**values)
+
+
+@dataclass
+class ALLoRAConfig(ALLoRAArguments, SFTConfig):
+    """Configuration for :class:`~allora_trl.ALLoRATrainer`: every ``SFTConfig`` field plus :class:`ALLoRAArguments`
+    (``allora_eta``, ``allora_coefficient``, ``allora_scale``), with CPU-friendly defaults.
+
+    Example:
+
+    ```python
+    >>> from allora_trl import ALLoRAConfig
+    >>> args = ALLoRAConfig(output_dir="out", allora_eta=2.0, learning_rate=4e-4)
+    >>> (args.allora_eta, args.allora_coefficient, args.allora_scale)
+    (2.0, 'weight', 'gradient')
+    ```
+    """
