@@ -225,3 +225,16 @@ def load_allora_adapter(
     settings = read_allora_config(adapter_path)
     peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable, **kwargs)
     return apply_allora(peft_model, eta=settings.eta, coefficient=settings.coefficient)
+
+
+def set_lora_scaling_one(model: torch.nn.Module, adapter_name: str) -> None:
+    """Give ``adapter_name``'s LoRA layers ALLoRA's forward, ``W x + B A x``: scaling 1 and no dropout.
+
+    Used on a passed-in peft model before a TRL trainer copies its adapter into a frozen reference adapter, so that
+    the reference starts equal to the policy.
+    """
+    for _, layer in iter_lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.scaling[adapter_name] = 1.0
+            layer.lora_alpha[adapter_name] = layer.r[adapter_name]
+            layer.lora_dropout[adapter_name] = torch.nn.Identity()
