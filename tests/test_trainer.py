@@ -244,3 +244,48 @@ def test_allora_scale_update_needs_the_weight_coefficient(tmp_path):
         make_args(tmp_path, allora_scale="update", allora_coefficient="output")
     with pytest.raises(ValueError, match="allora_scale"):
         make_args(tmp_path, allora_scale="rows")
+
+
+def test_one_seed_gives_one_start_and_another_seed_another(tiny_model_dir, qa_dataset, tmp_path):
+    """TRL 1.9's SFTTrainer builds the peft model before transformers seeds: the trainer seeds first."""
+    starts = []
+    for run, seed in enumerate((3, 3, 4)):
+        torch.manual_seed(1000 + run)  # whatever the global RNG was, the seed decides the start
+        trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / str(run), seed=seed))
+        starts.append(adapter_state(trainer.model))
+    for key in starts[0]:
+        assert torch.equal(starts[0][key], starts[1][key]), key
+    assert any(not torch.equal(starts[0][k], starts[2][k]) for k in starts[0] if "lora_A" in k)
+
+
+def test_update_scaling_also_drives_a_users_optimizer(tiny_model_dir, qa_dataset, tmp_path):
+    """optimizers=(my_optimizer, None) with allora_scale='update' used to fall back silently to the gradient rule."""
+    lr = 1e-3
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    args = make_args(tmp_path, max_steps=1, learning_rate=lr, lr_scheduler_type="constant", allora_scale="update")
+    trainer = ALLoRATrainer(model=model, args=args, train_dataset=qa_dataset, optimizers=(optimizer, None),
+                            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer.train()
+    assert trainer.optimizer.optimizer is optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer is optimizer
+    b_max = max(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert b_max == pytest.approx(2.0 * lr, rel=1e-3)  # eta * Adam's first step, not Adam's plain one
+
+
+def test_non_finite_loss_stops_training_before_saving(tiny_model_dir, qa_dataset, tmp_path):
+    from allora_trl.core.callback import NonFiniteTrainingError
+
+    class PoisonB(TrainerCallback):  # a diverged step, whatever caused it
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.data.fill_(float("nan"))
+
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(tiny_model_dir, qa_dataset, args, callbacks=[PoisonB()])
+    with pytest.raises(NonFiniteTrainingError, match="non-finite"):
+        trainer.train()
+    assert not (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    with pytest.raises(NonFiniteTrainingError, match="Not saving"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()

@@ -73,6 +73,13 @@ def _fsdp_plugin_settings(args, accelerator) -> dict | None:
     return None
 
 
+def _uses_deepspeed(args, accelerator) -> bool:
+    """Whether DeepSpeed drives this run: the accelerator's state, else the training arguments or the launch env."""
+    if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return True
+    return bool(getattr(args, "deepspeed", None)) or _truthy(os.environ.get("ACCELERATE_USE_DEEPSPEED"))
+
+
 def _lora_matrices(model):
     """``(name, numel)`` of every LoRA A/B ``nn.Linear`` (the modules a wrap policy could make their own group)."""
     from .model import iter_lora_layers
@@ -97,6 +104,13 @@ def check_distributed_setup(args=None, accelerator=None, model=None) -> None:
             "ALLoRA does not support FSDP1 (fsdp_version 1, which is accelerate's default when `fsdp_version` is not "
             "set): transformers wraps each trainable LoRA A/B matrix as its own FSDP1 unit, which is gathered only when "
             "that matrix's own forward runs, so ALLoRA's layer would see sharded weights. Fix: " + FSDP2_CONFIG_HINT + "."
+        )
+    if getattr(args, "allora_scale", "gradient") == "update" and (fsdp is not None or _uses_deepspeed(args, accelerator)):
+        # update scaling rescales each process's step of whole A and B rows (core/update_scaling.py); FSDP and
+        # DeepSpeed hand the optimizer flat or sharded partitions instead.
+        raise ValueError(
+            "allora_scale='update' needs whole LoRA weights in the optimizer, which FSDP and DeepSpeed shard or "
+            "flatten. Fix: use allora_scale='gradient' (the paper's rule, exact under sharding), or train with DDP."
         )
     if fsdp is not None and "SHARDED_STATE_DICT" in fsdp.get("state_dict_type", ""):
         # transformers' save_model writes no adapter file under FSDP with SHARDED_STATE_DICT (only FULL_STATE_DICT

@@ -91,12 +91,7 @@ class ALLoRATrainerMixin:
         self.allora_adapters = adapters
         self.update_scaling = None
         self.add_callback(ALLoRACallback(self))
-        check_distributed_setup(self.args, self.accelerator, self.model)  # FSDP1 etc.: fail before training
-        if args.allora_scale == "update" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError(
-                "allora_scale='update' needs whole LoRA weights on every process, which DeepSpeed and FSDP shard. "
-                "Use allora_scale='gradient' (the paper's rule, exact under sharding) or train with DDP."
-            )
+        check_distributed_setup(self.args, self.accelerator, self.model)  # FSDP1, update scaling + ZeRO...
 
     # ----- construction --------------------------------------------------------------------------------------------
 

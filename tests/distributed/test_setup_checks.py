@@ -123,3 +123,13 @@ def test_fsdp_sharded_state_dict_is_rejected_naming_the_fix(clean_env):
         check_distributed_setup(args=SimpleNamespace(fsdp_plugin_args=None))
     clean_env.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
     check_distributed_setup(args=SimpleNamespace(fsdp_plugin_args=None))
+
+
+@pytest.mark.parametrize("launch_env_var", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_update_scaling_is_refused_with_sharded_optimizers(clean_env, launch_env_var):
+    clean_env.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    clean_env.setenv(launch_env_var, "true")
+    clean_env.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="allora_scale='update'"):
+        check_distributed_setup(SimpleNamespace(allora_scale="update"))
+    check_distributed_setup(SimpleNamespace(allora_scale="gradient"))  # the paper's rule is fine there
