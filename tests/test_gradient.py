@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from allora_trl.core.gradient import (
-    ALLoRAFunction,
     CoefficientStats,
     allora_lora_forward,
     lora_row_norms,
+    validate_eta,
     weight_coefficient,
 )
 
@@ -153,13 +153,48 @@ def test_stats_are_recorded_only_when_enabled():
     A = torch.randn(3, 6, requires_grad=True)
     B = torch.randn(5, 3, requires_grad=True)
     stats = CoefficientStats()
-    ALLoRAFunction.apply(x, A, B, 2.0, "weight", stats).sum().backward()
+    allora_lora_forward(x, A, B, 2.0, "weight", stats).sum().backward()
     assert stats.values == {}
     stats.enabled = True
-    ALLoRAFunction.apply(x, A, B, 2.0, "weight", stats).sum().backward()
+    allora_lora_forward(x, A, B, 2.0, "weight", stats).sum().backward()
     c = weight_coefficient(A, B, 2.0)
     assert stats.values["coefficient_min"].item() == pytest.approx(c.min().item())
     assert stats.values["coefficient_max"].item() == pytest.approx(c.max().item())
     assert (stats.values["coefficient_sum"] / stats.values["coefficient_count"]).item() == pytest.approx(c.mean().item())
     norms = torch.linalg.vector_norm(B.detach() @ A.detach(), dim=1)
     assert (stats.values["row_norm_sum"] / stats.values["row_norm_count"]).item() == pytest.approx(norms.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("eta", [1e25, 1e30, 3e38, 1e-20, 1e-30, 2e-38])
+@pytest.mark.parametrize("coefficient", ["weight", "output"])
+def test_extreme_eta_gives_finite_coefficients_and_gradients(eta, coefficient):
+    """1/eta^2 underflows (eta 1e25) or overflows (eta 1e-30) in float32; the coefficient must not."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 6)
+    A = torch.randn(4, 6, requires_grad=True)
+    B = torch.zeros(5, 4)
+    B[0] = 0.5  # rows 1..4 are zero: c == eta there; row 0 is not: c ~ 1/sqrt(||(BA)_0||) (or eta, if smaller)
+    B.requires_grad_()
+    c = weight_coefficient(A, B, eta)
+    norms = lora_row_norms(A, B)
+    assert torch.isfinite(c).all() and (c > 0).all()
+    torch.testing.assert_close(c[1:], torch.full((4,), eta), rtol=1e-6, atol=0)
+    expected_row0 = min(eta, float(1.0 / (norms[0].double() + 1.0 / eta**2).sqrt()))
+    assert c[0].item() == pytest.approx(expected_row0, rel=1e-5)
+    out = allora_lora_forward(x, A, B, eta=eta, coefficient=coefficient)
+    (out * 1e-30).sum().backward()  # a small upstream gradient, so that eta * G itself stays in float32's range
+    assert torch.isfinite(A.grad).all() and torch.isfinite(B.grad).all()
+
+
+@pytest.mark.parametrize("eta", [True, False, 1e39, 1e-39, "2.0x"])
+def test_eta_outside_float32_or_not_a_number_is_rejected(eta):
+    with pytest.raises(ValueError, match="my_eta"):
+        validate_eta(eta, "my_eta")
+
+
+def test_fp16_coefficient_is_capped_at_the_dtype_maximum():
+    x = torch.randn(2, 4).half()
+    A = torch.randn(2, 4).half().requires_grad_()
+    B = torch.zeros(3, 2).half().requires_grad_()  # c == eta == 1e6 > fp16's 65504
+    (allora_lora_forward(x, A, B, eta=1e6) * 1e-3).float().sum().backward()
+    assert torch.isfinite(B.grad.float()).all()

@@ -144,3 +144,78 @@ def test_bad_eta_is_an_error(tiny_model_dir, eta):
 def test_bad_coefficient_is_an_error(tiny_model_dir):
     with pytest.raises(ValueError, match="coefficient.*'weight'"):
         apply_allora(peft_model(tiny_model_dir), coefficient="rows")
+
+
+# ----- allora_config.json: every setting, a format version, old files, bad files ------------------------------------
+
+from allora_trl.core.model import ALLoRASettings, check_target_modules, read_allora_config  # noqa: E402
+
+
+def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_model_dir, tmp_path):
+    model = apply_allora(peft_model(tiny_model_dir), eta=1.5, scale="update")
+    assert allora_settings(model).scale == "update"
+    save_allora_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / ALLORA_CONFIG_NAME).read_text())
+    assert saved == {"format_version": 1, "eta": 1.5, "coefficient": "weight", "scale": "update",
+                     "paper": "arXiv:2410.09692"}
+    reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    assert allora_settings(reloaded) == ALLoRASettings(eta=1.5, coefficient="weight", scale="update")
+
+
+def test_update_scale_with_output_coefficient_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="scale='update'.*coefficient='weight'"):
+        apply_allora(peft_model(tiny_model_dir), coefficient="output", scale="update")
+
+
+def test_old_unversioned_config_still_loads_as_the_gradient_rule(tiny_model_dir, tmp_path):
+    save_allora_adapter(apply_allora(peft_model(tiny_model_dir)), tmp_path)
+    old = {"eta": 0.75, "coefficient": "output", "paper": "arXiv:2410.09692"}  # what allora-trl 0.1.0 wrote
+    (tmp_path / ALLORA_CONFIG_NAME).write_text(json.dumps(old))
+    reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    assert allora_settings(reloaded) == ALLoRASettings(eta=0.75, coefficient="output", scale="gradient")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"eta": 0.5,', "not valid JSON.*line 1"),
+        ("[1, 2]", "expected a JSON object.*got a JSON array"),
+        ('{"etaa": 0.5}', "unknown key.*'etaa'"),
+        ('{"format_version": 1, "eta": 0.5, "coefficient": "weight", "scale": "gradient", "extra": 1}', "'extra'"),
+        ("{}", "missing key.*'coefficient', 'eta'"),
+        ('{"format_version": 1, "eta": 0.5, "coefficient": "weight"}', "missing key.*'scale'"),
+        ('{"eta": 0.5, "coefficient": "weight", "scale": "update"}', "format_version.*missing"),
+        ('{"format_version": 9, "eta": 0.5, "coefficient": "weight", "scale": "gradient"}', "newer allora-trl"),
+        ('{"format_version": 1, "eta": true, "coefficient": "weight", "scale": "gradient"}', "eta"),
+        ('{"format_version": 1, "eta": 1, "coefficient": "rows", "scale": "gradient"}', "coefficient"),
+    ],
+)
+def test_bad_config_file_names_the_file_and_the_problem(tmp_path, content, message):
+    (tmp_path / ALLORA_CONFIG_NAME).write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        read_allora_config(tmp_path)
+    assert ALLORA_CONFIG_NAME in str(info.value)
+
+
+def test_missing_folder_is_reported_as_missing_not_as_plain_lora(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        load_allora_adapter(torch.nn.Linear(2, 2), tmp_path / "nope")
+    assert "plain LoRA" not in str(info.value)
+
+
+def test_folder_without_allora_config_points_to_peft(tmp_path):
+    with pytest.raises(FileNotFoundError, match="PeftModel.from_pretrained"):
+        read_allora_config(tmp_path)
+
+
+def test_misspelt_target_module_is_an_error_naming_the_model_names(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    check_target_modules(base, ["q_proj", "v_proj"])
+    check_target_modules(base, "all-linear")
+    with pytest.raises(ValueError, match="'v_porj'.*q_proj.*v_proj") as info:
+        check_target_modules(base, ["q_proj", "v_porj"], "lora_target_modules")
+    assert "lora_target_modules" in str(info.value) and "'q_proj'" not in str(info.value)
+    peft = peft_model(tiny_model_dir, target_modules=["q_proj"])  # also on a peft model: names are not hidden
+    with pytest.raises(ValueError, match="q_proj") as info:
+        check_target_modules(peft, ["x_proj"])
+    assert "base_layer" not in str(info.value) and "lora_A" not in str(info.value)

@@ -2,7 +2,15 @@
 
 An ALLoRA adapter is a LoRA adapter with ``lora_alpha == r`` (scaling 1) and ``lora_dropout == 0``: the
 ``adapter_config.json`` that peft writes is plain LoRA and loads anywhere a LoRA adapter loads. ALLoRA's own
-settings (eta, coefficient), which matter only to continue training, go in ``allora_config.json`` beside it.
+settings (eta, coefficient, scale), which matter only to continue training, go in ``allora_config.json`` beside it,
+with a ``format_version`` so that later versions can read (or refuse, naming the fix) what earlier ones wrote.
+
+``allora_config.json`` formats:
+
+* version 1 (this one): ``{"format_version": 1, "eta": float, "coefficient": "weight"|"output",
+  "scale": "gradient"|"update", "paper": "arXiv:2410.09692"}``; every key but ``paper`` is required.
+* version 0 (allora-trl 0.1.0 before the format had a version): ``{"eta", "coefficient", "paper"}``, no
+  ``format_version``. It did not record the scale; such files load with ``scale="gradient"``, the paper's rule.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -20,21 +28,93 @@ from .gradient import validate_coefficient, validate_eta
 from .variant import ALLoRALinearVariant
 
 ALLORA_CONFIG_NAME = "allora_config.json"
+ALLORA_CONFIG_FORMAT_VERSION = 1
 DEFAULT_ETA = 2.0
 DEFAULT_COEFFICIENT = "weight"
+DEFAULT_SCALE = "gradient"
+PAPER = "arXiv:2410.09692"
+# Keys of the unversioned files written before format_version existed (see the module docstring).
+_VERSION_0_KEYS = {"eta", "coefficient", "paper"}
+
+
+def _validate_scale(scale: str, field_name: str) -> str:
+    # update_scaling imports this module (for iter_lora_layers), so its validator is imported when first needed.
+    from .update_scaling import validate_scale
+
+    return validate_scale(scale, field_name)
 
 
 @dataclass(frozen=True)
 class ALLoRASettings:
-    """What ``allora_config.json`` holds. ``paper`` is informative; only eta and coefficient are read back."""
+    """Every ALLoRA setting that changes training: what ``allora_config.json`` holds (``paper`` is informative).
+
+    ``scale`` is ``"gradient"`` (the paper's rule) or ``"update"`` (allora-trl's extension, carried out by optimizer
+    hooks: :func:`~allora_trl.core.update_scaling.enable_update_scaling`), which needs ``coefficient="weight"``.
+    """
 
     eta: float = DEFAULT_ETA
     coefficient: str = DEFAULT_COEFFICIENT
-    paper: str = "arXiv:2410.09692"
+    scale: str = DEFAULT_SCALE
+    paper: str = PAPER
 
     def __post_init__(self):
         object.__setattr__(self, "eta", validate_eta(self.eta, "eta"))
         validate_coefficient(self.coefficient, "coefficient")
+        _validate_scale(self.scale, "scale")
+        if self.scale == "update" and self.coefficient != "weight":
+            raise ValueError(
+                "`scale='update'` needs `coefficient='weight'`: a per-token coefficient cannot be moved from the "
+                "gradient to the update. Use coefficient='weight' or scale='gradient'."
+            )
+
+    def to_json_dict(self) -> dict:
+        """The ``allora_config.json`` content: the settings plus ``format_version``."""
+        return {"format_version": ALLORA_CONFIG_FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json_dict(cls, data, source: str = ALLORA_CONFIG_NAME) -> ALLoRASettings:
+        """Settings from parsed ``allora_config.json`` content (either format); errors name ``source`` and the fix.
+
+        A file without ``format_version`` is read as version 0 (eta and coefficient required, scale taken as
+        "gradient") only if it has no version-1 key; unknown keys are an error in both, not silently ignored.
+        """
+        fix = "re-save the adapter with allora-trl (save_allora_adapter / ALLoRATrainer.save_model) or edit the file"
+        if not isinstance(data, dict):
+            kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "null")
+            raise ValueError(f"{source}: expected a JSON object such as {_example()}, got a JSON {kind}; {fix}.")
+        data = dict(data)
+        version = data.pop("format_version", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are format_version, "
+                f"{', '.join(f.name for f in fields(cls))}. Correct or remove them."
+            )
+        if version is None and set(data) <= _VERSION_0_KEYS:
+            required = {"eta", "coefficient"}  # an unversioned file of allora-trl 0.1.0: no scale recorded
+        elif version is None:
+            raise ValueError(f'{source}: "format_version" is missing; add "format_version": {ALLORA_CONFIG_FORMAT_VERSION}.')
+        elif type(version) is int and version > ALLORA_CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: format_version {version} was written by a newer allora-trl (this one reads up to "
+                f"{ALLORA_CONFIG_FORMAT_VERSION}): upgrade allora-trl (pip install -U allora-trl)."
+            )
+        elif version != ALLORA_CONFIG_FORMAT_VERSION or type(version) is not int:
+            raise ValueError(f"{source}: format_version must be {ALLORA_CONFIG_FORMAT_VERSION}, got {version!r}; {fix}.")
+        else:
+            required = {"eta", "coefficient", "scale"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {', '.join(map(repr, missing))}, e.g. {_example()}; {fix}.")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def _example() -> str:
+    return json.dumps(ALLoRASettings().to_json_dict())
 
 
 def check_lora_config(config) -> None:
@@ -80,6 +160,35 @@ def normalize_lora_config(config: LoraConfig) -> tuple[LoraConfig, list[str]]:
     return new, changes
 
 
+def check_target_modules(
+    model: torch.nn.Module, target_modules: str | list[str] | tuple[str, ...] | None, field_name: str = "target_modules"
+) -> None:
+    """Raise if a name listed in ``target_modules`` matches no module of ``model``, naming the names it has.
+
+    peft only fails when *no* listed name matches: with ``["q_proj", "v_porj"]`` it trains ``q_proj`` alone and
+    records the typo in ``adapter_config.json``. A name matches as peft matches it (the module's full name or its
+    last dotted parts). A string (``"all-linear"`` or a regular expression) is left to peft. Works on the base model
+    (before ``get_peft_model``) and on a peft model alike.
+    """
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return
+    adapter_parts = {"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout"}
+    linear = sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if (isinstance(module, (torch.nn.Linear, lora_layer.LoraLayer)) or type(module).__name__ == "Conv1D")
+        and not adapter_parts & set(name.split("."))
+    })
+    raise ValueError(
+        f"`{field_name}`: {', '.join(map(repr, missing))} match(es) no module of the model; its linear layers are "
+        f"named {', '.join(linear) or '(none)'}. Correct the name(s), or use 'all-linear'."
+    )
+
+
 def _supported_layer_types() -> tuple[type, ...]:
     types = [lora_layer.Linear]
     try:  # peft defines the bitsandbytes LoRA layers only when bitsandbytes is importable
@@ -103,6 +212,7 @@ def apply_allora(
     eta: float = DEFAULT_ETA,
     coefficient: str = DEFAULT_COEFFICIENT,
     adapter_name: str | None = None,
+    scale: str = DEFAULT_SCALE,
 ) -> PeftModel:
     """Install ALLoRA on every LoRA layer of a peft model (all LoRA adapters, or only ``adapter_name``).
 
@@ -110,9 +220,13 @@ def apply_allora(
     model's ``LoraConfig`` to match (``lora_alpha == r``, ``alpha_pattern == rank_pattern``, ``lora_dropout == 0``)
     and returns the model. Raises for a model with no LoRA layers, for DoRA / rsLoRA / LoRA-bias adapters, and for
     LoRA layer types other than ``Linear`` (and peft's bitsandbytes 4-/8-bit ``Linear``), naming them.
+
+    ``scale`` is recorded on the layers (so :func:`allora_settings` and ``allora_config.json`` report it) but not
+    acted on here: ``scale="update"`` also needs :func:`~allora_trl.core.update_scaling.enable_update_scaling` on
+    the optimizer, which ``ALLoRATrainer`` does itself.
     """
-    eta = validate_eta(eta, "eta")
-    validate_coefficient(coefficient, "coefficient")
+    settings = ALLoRASettings(eta=eta, coefficient=coefficient, scale=scale)  # validates all three together
+    eta = settings.eta
     peft_configs = getattr(model, "peft_config", None)
     if not peft_configs:
         raise ValueError(
@@ -157,7 +271,7 @@ def apply_allora(
             layer.scaling[name] = 1.0
             layer.lora_alpha[name] = layer.r[name]
             layer.lora_dropout[name] = torch.nn.Identity()
-            layer.lora_variant[name] = ALLoRALinearVariant(eta=eta, coefficient=coefficient)
+            layer.lora_variant[name] = ALLoRALinearVariant(eta=eta, coefficient=coefficient, scale=scale)
     return model
 
 
@@ -172,7 +286,9 @@ def allora_variants(model: torch.nn.Module, adapter_name: str | None = None):
 def allora_settings(model: torch.nn.Module, adapter_name: str = "default") -> ALLoRASettings | None:
     """The ALLoRA settings installed on ``adapter_name``, or None if it has no ALLoRA layers."""
     variant = next(allora_variants(model, adapter_name), None)
-    return None if variant is None else ALLoRASettings(eta=variant.eta, coefficient=variant.coefficient)
+    if variant is None:
+        return None
+    return ALLoRASettings(eta=variant.eta, coefficient=variant.coefficient, scale=getattr(variant, "scale", DEFAULT_SCALE))
 
 
 def save_allora_config(settings: ALLoRASettings, save_directory: str | os.PathLike) -> str:
@@ -180,22 +296,34 @@ def save_allora_config(settings: ALLoRASettings, save_directory: str | os.PathLi
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, ALLORA_CONFIG_NAME)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(asdict(settings), handle, indent=2)
+        json.dump(settings.to_json_dict(), handle, indent=2)
         handle.write("\n")
     return path
 
 
 def read_allora_config(directory: str | os.PathLike) -> ALLoRASettings:
-    """Read ``allora_config.json`` from an adapter directory (eta and coefficient, validated)."""
+    """Read and validate ``allora_config.json`` from an adapter directory (both formats: see the module docstring).
+
+    Raises ``FileNotFoundError`` for a missing folder or file and ``ValueError`` for a file that is not valid JSON,
+    not an object, has unknown or missing keys or bad values; every message names the file and the fix.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Adapter folder {os.fspath(directory)!r} does not exist (or is not a folder).")
     path = os.path.join(directory, ALLORA_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"No {ALLORA_CONFIG_NAME} in {directory}: it is not an ALLoRA adapter saved by allora-trl. "
-            "It is still a plain LoRA adapter: load it with `peft.PeftModel.from_pretrained`."
+            f"No {ALLORA_CONFIG_NAME} in {os.fspath(directory)!r}: it is not an ALLoRA adapter saved by allora-trl. "
+            "If it holds a LoRA adapter (adapter_config.json), load it with `peft.PeftModel.from_pretrained`."
         )
     with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    return ALLoRASettings(eta=data.get("eta", DEFAULT_ETA), coefficient=data.get("coefficient", DEFAULT_COEFFICIENT))
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file or "
+                "re-save the adapter with allora-trl."
+            ) from None
+    return ALLoRASettings.from_json_dict(data, source=path)
 
 
 def save_allora_adapter(model: PeftModel, save_directory: str | os.PathLike, **save_kwargs) -> None:
@@ -220,11 +348,21 @@ def load_allora_adapter(
     """Load a saved ALLoRA adapter onto a base model and re-install ALLoRA with its saved settings.
 
     For inference this is not needed: the adapter is plain LoRA and ``PeftModel.from_pretrained`` gives the same
-    outputs. Use this to continue training with the ALLoRA rule.
+    outputs. Use this to continue training with the ALLoRA rule. ``allora_config.json`` is read (and any problem
+    reported) before the adapter weights are loaded.
+
+    Every saved setting is restored on the model: ``allora_settings(model)`` returns them. ``scale="update"`` acts
+    through the optimizer, which does not exist yet here; to continue such a run in your own loop::
+
+        model = load_allora_adapter(base, path)
+        if allora_settings(model).scale == "update":
+            enable_update_scaling(optimizer, model)   # allora_trl.core.update_scaling
+
+    (``ALLoRATrainer`` takes the scale from its ``allora_scale`` argument instead.)
     """
     settings = read_allora_config(adapter_path)
     peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable, **kwargs)
-    return apply_allora(peft_model, eta=settings.eta, coefficient=settings.coefficient)
+    return apply_allora(peft_model, eta=settings.eta, coefficient=settings.coefficient, scale=settings.scale)
 
 
 def set_lora_scaling_one(model: torch.nn.Module, adapter_name: str) -> None:

@@ -1,8 +1,9 @@
 """ALLoRA statistics for logging: coefficient min / mean / max and the mean row norm of BA.
 
-Each layer records its statistics during backward only while recording is switched on (see
+Each layer records its statistics in its forward pass only while recording is switched on (see
 :class:`~allora_trl.core.gradient.CoefficientStats`); values stay on the device until :func:`collect_allora_stats`
-reads them all with one transfer, so steps that are not logged pay nothing and synchronise nothing.
+stacks them there and copies them to the host in one transfer, so steps that are not logged pay nothing and
+synchronise nothing, and a logged step synchronises once however many layers the model has.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def collect_allora_stats(model: torch.nn.Module, prefix: str = "allora/") -> dic
     if not recorded:
         return {}
     keys = ("coefficient_min", "coefficient_max", "coefficient_sum", "coefficient_count", "row_norm_sum", "row_norm_count")
-    table = torch.stack([torch.stack([values[k].float().cpu() for k in keys]) for values in recorded])  # layers x 6
-    c_min, c_max, c_sum, c_count, n_sum, n_count = table.T
+    device = recorded[0][keys[0]].device  # layers on other devices are copied device-to-device, without a host sync
+    table = torch.stack([values[k].float().to(device) for values in recorded for k in keys]).cpu()  # the one transfer
+    c_min, c_max, c_sum, c_count, n_sum, n_count = table.view(len(recorded), len(keys)).T
     return {
         f"{prefix}coefficient_min": c_min.min().item(),
         f"{prefix}coefficient_mean": (c_sum.sum() / c_count.sum()).item(),

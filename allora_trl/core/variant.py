@@ -17,13 +17,17 @@ from .gradient import CoefficientStats, allora_lora_forward
 class ALLoRALinearVariant(LoraVariant):
     """Forward ``result + B A x`` (scaling 1, no dropout) with the ALLoRA backward; merges like LoRA at scaling 1.
 
-    Unlike peft's own variants, which are stateless, an instance carries its settings (``eta``, ``coefficient``)
-    and the layer's coefficient statistics, so one model can hold ALLoRA adapters with different settings.
+    Unlike peft's own variants, which are stateless, an instance carries its settings (``eta``, ``coefficient``,
+    ``scale``) and the layer's coefficient statistics, so one model can hold ALLoRA adapters with different settings
+    and :func:`~allora_trl.core.model.allora_settings` can read back what the model was trained with. ``scale`` is a
+    record only: the variant always applies the gradient rule; ``"update"`` is carried out by optimizer hooks
+    (:mod:`allora_trl.core.update_scaling`) that the trainer installs.
     """
 
-    def __init__(self, eta: float, coefficient: str):
+    def __init__(self, eta: float, coefficient: str, scale: str = "gradient"):
         self.eta = eta
         self.coefficient = coefficient
+        self.scale = scale
         self.stats = CoefficientStats()
 
     def supports_lora_conversion(self) -> bool:
