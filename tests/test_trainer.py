@@ -201,11 +201,20 @@ def test_non_lora_peft_config_is_rejected(tiny_model_dir, qa_dataset, tmp_path):
         make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=IA3Config(task_type="CAUSAL_LM"))
 
 
-def test_cpu_defaults_are_fp32_without_checkpointing(tmp_path):
+@pytest.mark.parametrize("gpu", [False, True])
+def test_precision_and_checkpointing_defaults_follow_the_machine(tmp_path, monkeypatch, gpu):
+    """fp32 without checkpointing on a CPU (TRL's defaults are ~20x slower there); TRL's bf16 + checkpointing on a GPU."""
+    import allora_trl.trainers.config as config_module
+
+    monkeypatch.setattr(config_module, "accelerator_available", lambda: gpu)
+    if gpu:  # transformers refuses bf16 on this CPU: check the defaults ALLoRA chose, before SFTConfig validates them
+        monkeypatch.setattr(SFTConfig, "__post_init__", lambda self: None)
     args = ALLoRAConfig(output_dir=str(tmp_path), report_to="none")
-    if not torch.cuda.is_available():
-        assert args.bf16 is False and args.gradient_checkpointing is False
-    assert ALLoRAConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=True).gradient_checkpointing
+    checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    assert args.bf16 is gpu and bool(checkpointing) is gpu
+    assert ALLoRAConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is False  # use_cpu wins
+    explicit = ALLoRAConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=not gpu, bf16=False)
+    assert bool(getattr(explicit, "activation_checkpointing", None) or explicit.gradient_checkpointing) is (not gpu)
 
 
 def test_gradient_checkpointing_and_accumulation_give_the_same_adapter(tiny_model_dir, qa_dataset, tmp_path):

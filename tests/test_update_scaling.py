@@ -1,4 +1,4 @@
-"""``allora_scale="update"``: the coefficient moves from the gradient to the optimiser's update."""
+"""``allora_scale="update"``: the coefficient moves from the gradient to the optimizer's update."""
 
 import copy
 import math
@@ -105,7 +105,7 @@ def test_sgd_update_scaling_equals_gradient_scaling():
 
 
 def test_adam_away_from_zero_scales_rows_by_their_coefficient():
-    """Away from B = 0: B's optimiser sees the plain gradient and row i of its step is scaled by c_i."""
+    """Away from B = 0: B's optimizer sees the plain gradient and row i of its step is scaled by c_i."""
     base = lora_model(nonzero_b=True)
     plain = apply_allora(copy.deepcopy(base), eta=2.0)
     scaled = apply_allora(copy.deepcopy(base), eta=2.0)
@@ -138,18 +138,34 @@ def test_adam_away_from_zero_scales_rows_by_their_coefficient():
         torch.testing.assert_close(d_scaled[a_name], c.mean() * d_plain[a_name], rtol=1e-4, atol=1e-7)
 
 
-def test_remove_restores_plain_optimizer_and_frozen_params_untouched():
+def test_remove_restores_the_plain_optimizer():
     plain = apply_allora(lora_model(), eta=2.0)
     scaled = copy.deepcopy(plain)
     before = {n: p.detach().clone() for n, p in lora_params(plain).items()}
     one_step(plain, torch.optim.Adam(lora_params(plain).values(), lr=1e-2))
     opt = torch.optim.Adam(lora_params(scaled).values(), lr=1e-2)
-    frozen = scaled.base_model.model.up.base_layer.weight.detach().clone()
     enable_update_scaling(opt, scaled).remove()
     one_step(scaled, opt)
     for name, delta in deltas(plain, before).items():
         torch.testing.assert_close(deltas(scaled, before)[name], delta)
-    assert torch.equal(scaled.base_model.model.up.base_layer.weight, frozen)
+
+
+def test_trainable_non_lora_parameters_take_the_plain_step():
+    """A bias or modules_to_save weight in the same optimizer must not be rescaled: only A and B are ALLoRA's."""
+    models = [apply_allora(lora_model(nonzero_b=True), eta=2.0) for _ in range(2)]
+    for model in models:
+        model.base_model.model.down.base_layer.bias.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in lora_params(models[0]).items()}
+    optimizers = [torch.optim.Adam(lora_params(m).values(), lr=1e-2) for m in models]
+    enable_update_scaling(optimizers[1], models[1])
+    for model, optimizer in zip(models, optimizers):
+        one_step(model, optimizer)
+    plain, scaled = deltas(models[0], before), deltas(models[1], before)
+    bias = "base_model.model.down.base_layer.bias"
+    assert plain[bias].abs().max() > 0
+    torch.testing.assert_close(scaled[bias], plain[bias])
+    assert not torch.allclose(scaled["base_model.model.down.lora_B.default.weight"],
+                              plain["base_model.model.down.lora_B.default.weight"])
 
 
 def test_errors_are_clear():
