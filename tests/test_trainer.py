@@ -298,3 +298,19 @@ def test_non_finite_loss_stops_training_before_saving(tiny_model_dir, qa_dataset
     with pytest.raises(NonFiniteTrainingError, match="Not saving"):
         trainer.save_model(str(tmp_path / "final"))
     assert not (tmp_path / "final").exists()
+
+
+def test_misspelt_target_module_is_refused_naming_the_layers(tiny_model_dir, qa_dataset, tmp_path):
+    with pytest.raises(ValueError, match="v_porj.*q_proj"):
+        make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=lora(target_modules=["q_proj", "v_porj"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_settings_record_the_scale(tiny_model_dir, qa_dataset, tmp_path):
+    trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, max_steps=1, allora_scale="update"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / ALLORA_CONFIG_NAME).read_text())
+    assert saved["scale"] == "update" and saved["format_version"] >= 1
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "scale: update" in card and "eta: 2.0" in card

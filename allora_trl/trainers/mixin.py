@@ -24,7 +24,14 @@ from transformers import enable_full_determinism, set_seed
 
 from ..core.callback import ALLoRACallback, NonFiniteTrainingError
 from ..core.distributed import check_distributed_setup
-from ..core.model import apply_allora, iter_lora_layers, normalize_lora_config, set_lora_scaling_one, write_allora_configs
+from ..core.model import (
+    apply_allora,
+    check_target_modules,
+    iter_lora_layers,
+    normalize_lora_config,
+    set_lora_scaling_one,
+    write_allora_configs,
+)
 from ..core.update_scaling import enable_update_scaling
 from .config import ALLoRAArguments
 from .model_card import ALLORA_TAG, write_model_card
@@ -87,7 +94,10 @@ class ALLoRATrainerMixin:
                 "or a peft model whose adapter is trainable (`is_trainable=True`)."
             )
         for name in adapters:
-            apply_allora(self.model, eta=args.allora_eta, coefficient=args.allora_coefficient, adapter_name=name)
+            # peft trains what matches and keeps a misspelt name silently: refuse it before any training
+            check_target_modules(self.model, self.model.peft_config[name].target_modules, "target_modules")
+            apply_allora(self.model, eta=args.allora_eta, coefficient=args.allora_coefficient, adapter_name=name,
+                         scale=args.allora_scale)
         self.allora_adapters = adapters
         self.update_scaling = None
         self.add_callback(ALLoRACallback(self))
@@ -120,6 +130,8 @@ class ALLoRATrainerMixin:
             log.info("%s: no peft_config given; using the default %s", type(self).__name__, default_lora_config())
             return default_lora_config()
         normalized, changes = normalize_lora_config(peft_config)
+        if isinstance(model, torch.nn.Module):  # a model given by path is checked once TRL has loaded it
+            check_target_modules(model, normalized.target_modules, "target_modules")
         if changes:
             log.warning("%s changed the LoRA config to ALLoRA's scaling 1 and no dropout: %s",
                         type(self).__name__, "; ".join(changes))
@@ -189,7 +201,7 @@ class ALLoRATrainerMixin:
         folder = output_dir or self.args.output_dir
         if self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
-            write_allora_configs(model, folder)
+            write_allora_configs(model, folder)  # eta, coefficient and scale of each trained adapter
             write_model_card(self, folder)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
