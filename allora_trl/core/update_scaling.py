@@ -1,28 +1,28 @@
-"""``allora_scale="update"``: the ALLoRA coefficient applied to the optimiser's *update*, not to the gradient.
+"""``allora_scale="update"``: the ALLoRA coefficient applied to the optimizer's *update*, not to the gradient.
 
 This is allora-trl's own extension, not part of the paper. Why: ALLoRA (arXiv 2410.09692) scales the gradient of
 row i of ``B`` by ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)``. Under SGD that scales the step of row i by ``c_i``, so at
 ``B = 0`` the effective learning rate is ``eta`` times the base one, as the paper says. Adam, however, divides each
 gradient entry by a running estimate of its own magnitude: a per-row factor that changes slowly is divided out
 again, and the rule is (almost) the same as LoRA with ``alpha = r`` and no dropout. ``update`` restores the intended
-effect under any optimiser by rescaling what the optimiser does:
+effect under any optimizer by rescaling what the optimizer does:
 
 What is scaled, exactly (``c`` is the paper's per-row coefficient computed from the weights *before* the step,
 i.e. the weights the gradients were computed at):
 
-* ``B`` (n_out x r): the optimiser sees the **plain LoRA gradient** (the ALLoRA factor ``c_i`` that the backward
-  pass applied is divided out again before the step, so it is not applied twice), and the change the optimiser
+* ``B`` (n_out x r): the optimizer sees the **plain LoRA gradient** (the ALLoRA factor ``c_i`` that the backward
+  pass applied is divided out again before the step, so it is not applied twice), and the change the optimizer
   makes to row i, weight decay included, is multiplied by ``c_i``.
 * ``A`` (r x n_in): the gradient keeps the ALLoRA rule's weighting of output rows, normalised to mean 1: the
-  optimiser sees ``grad_A(c) / mean(c)``. The change the optimiser makes to ``A`` is multiplied by ``mean(c)``.
+  optimizer sees ``grad_A(c) / mean(c)``. The change the optimizer makes to ``A`` is multiplied by ``mean(c)``.
 
-Consequences: at ``B = 0`` (``c == eta`` everywhere) one step of any optimiser moves ``B`` by exactly ``eta`` times
-that optimiser's plain step (Adam: ``eta * lr * m/(sqrt(v)+eps)``), i.e. the effective learning rate is
+Consequences: at ``B = 0`` (``c == eta`` everywhere) one step of any optimizer moves ``B`` by exactly ``eta`` times
+that optimizer's plain step (Adam: ``eta * lr * m/(sqrt(v)+eps)``), i.e. the effective learning rate is
 ``eta x lr`` as intended. Under plain SGD without momentum ``update`` is identical to the paper's ``gradient``
 rule (``c_i * lr * g_B`` for B, ``mean(c) * lr * grad_A(c)/mean(c) = lr * grad_A(c)`` for A); with momentum they
 differ only through how ``c`` changes between steps.
 
-Mechanics: an optimiser step pre-hook divides the factors out of the gradients and keeps a copy of ``A`` and ``B``;
+Mechanics: an optimizer step pre-hook divides the factors out of the gradients and keeps a copy of ``A`` and ``B``;
 a step post-hook rescales the change ``p_new - p_old``. Only ``coefficient="weight"`` can be used (the per-token
 ``"output"`` coefficient cannot be divided out of a summed gradient). Gradient clipping, which the Trainer applies
 before the step, sees the ALLoRA-scaled gradients. It needs each process to hold whole ``A`` and ``B`` matrices:
@@ -78,7 +78,7 @@ def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
 
 
 class UpdateScaling:
-    """Optimiser hooks that move the ALLoRA coefficient from the gradient to the update (see module docstring).
+    """Optimizer hooks that move the ALLoRA coefficient from the gradient to the update (see module docstring).
 
     Build it with :func:`enable_update_scaling`; ``remove()`` detaches the hooks. ``last_mean_scale`` is the mean
     of ``c`` over all rows of all layers at the last step (a float tensor, no host sync).
@@ -89,7 +89,7 @@ class UpdateScaling:
         self.pairs = _allora_pairs(model, optimized)
         if not self.pairs:
             raise ValueError(
-                "allora_scale='update' found no ALLoRA layers whose weights this optimiser updates: call "
+                "allora_scale='update' found no ALLoRA layers whose weights this optimizer updates: call "
                 "apply_allora (or use ALLoRATrainer) before enabling update scaling."
             )
         self.optimizer = optimizer
@@ -132,7 +132,7 @@ class UpdateScaling:
         self._pending = []
 
     def remove(self) -> None:
-        """Detach the hooks: the optimiser behaves as before."""
+        """Detach the hooks: the optimizer behaves as before."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -141,12 +141,12 @@ class UpdateScaling:
 def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> UpdateScaling:
     """Register the ``allora_scale="update"`` hooks on ``optimizer`` for every ALLoRA layer of ``model``.
 
-    ``model`` must already have ALLoRA installed (``apply_allora``); ``optimizer`` must be the optimiser whose
-    ``step`` updates the LoRA weights (an Accelerate-wrapped optimiser's inner ``.optimizer`` also works: hooks
+    ``model`` must already have ALLoRA installed (``apply_allora``); ``optimizer`` must be the optimizer whose
+    ``step`` updates the LoRA weights (an Accelerate-wrapped optimizer's inner ``.optimizer`` also works: hooks
     registered on it fire when the wrapper steps). Returns the handle; keep it to ``remove()`` the hooks.
     """
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer  # Accelerate's wrapper steps the inner optimiser, whose hooks then fire
+        optimizer = optimizer.optimizer  # Accelerate's wrapper steps the inner optimizer, whose hooks then fire
     return UpdateScaling(optimizer, model)
 
 
@@ -155,6 +155,6 @@ def validate_scale(scale: str, field_name: str = "allora_scale") -> str:
     if scale not in SCALES:
         raise ValueError(
             f"`{field_name}` must be 'gradient' (the paper's rule: c scales the LoRA gradients) or 'update' "
-            f"(allora-trl's extension: c scales the optimiser's update), got {scale!r}."
+            f"(allora-trl's extension: c scales the optimizer's update), got {scale!r}."
         )
     return scale
