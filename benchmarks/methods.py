@@ -7,7 +7,6 @@ spanning 8x, all searched in full mode; the chosen LR is picked on the selection
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 RANK = 16
@@ -106,15 +105,9 @@ def build_trainer(method: Method, model, tokenizer, dataset, args_kwargs: dict, 
 
     common = dict(model=model, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
     if method.trainer == "allora":
-        extra = {}
-        cls = ALLoRATrainer
-        if method.scale == "update":
-            if "allora_scale" in {f.name for f in dataclasses.fields(ALLoRAConfig)}:
-                extra["allora_scale"] = "update"  # the trainer wires allora_trl.core.update_scaling itself
-            else:
-                cls = _update_scaled_trainer()
-        args = ALLoRAConfig(**args_kwargs, allora_eta=method.eta, allora_coefficient=method.coefficient, **extra)
-        trainer = cls(args=args, peft_config=method.lora_config(), **common)
+        args = ALLoRAConfig(**args_kwargs, allora_eta=method.eta, allora_coefficient=method.coefficient,
+                            allora_scale=method.scale)
+        trainer = ALLoRATrainer(args=args, peft_config=method.lora_config(), **common)
     elif method.loraplus_ratio:
         import torch
         from peft import get_peft_model
@@ -134,18 +127,3 @@ def build_trainer(method: Method, model, tokenizer, dataset, args_kwargs: dict, 
         trainer = SFTTrainer(args=SFTConfig(**args_kwargs), peft_config=method.lora_config(), **common)
     trainer.remove_callback(PrinterCallback)  # a log line per step is for the JSON, not the console
     return trainer
-
-
-def _update_scaled_trainer():
-    """ALLoRATrainer with ``allora_scale="update"`` (until ``ALLoRAConfig`` has the field; see update_scaling.py)."""
-    from allora_trl import ALLoRATrainer
-    from allora_trl.core.update_scaling import enable_update_scaling
-
-    class UpdateScaledALLoRATrainer(ALLoRATrainer):
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            if getattr(self, "_update_scaling", None) is None:
-                self._update_scaling = enable_update_scaling(optimizer, self.model)
-            return optimizer
-
-    return UpdateScaledALLoRATrainer

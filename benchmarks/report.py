@@ -63,7 +63,7 @@ def load_runs(out_dir: Path) -> dict[str, dict]:
 
 
 def _plan(out_dir: Path, plan=None):
-    from .run import Plan
+    from .plan import Plan
 
     if plan is not None:
         return plan
@@ -80,7 +80,7 @@ def _find(runs, **want):
 
 
 def analyse(plan, runs: dict) -> dict:
-    from .run import choose_lr, optim_specs, spec_for
+    from .plan import choose_lr, optim_specs, spec_for
 
     tasks = plan.tasks
     chosen = {m: choose_lr(plan, m, runs) for m in plan.lr_grids}
@@ -217,7 +217,7 @@ def _smooth(ys, window=5):
 
 
 def make_plots(plan, runs, analysis, cost, plot_dir: Path) -> dict[str, str]:
-    from .run import spec_for
+    from .plan import spec_for
 
     plt = _pyplot()
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -724,7 +724,8 @@ def keep_findings(text: str, docs_path: Path) -> str:
     return text.replace("## How this was produced", found.group(0) + "\n## How this was produced", 1)
 
 
-def write_report(out_dir: Path, docs_path: Path, plan=None, command: str = "", wall_s: float | None = None) -> dict:
+def write_report(out_dir: Path, docs_path: Path, plan=None, command: str = "", wall_s: float | None = None,
+                 commit: str | None = None) -> dict:
     """Analyse the finished runs in ``out_dir``; write the Markdown, ``summary.json`` and the plots."""
     from .runner import versions
 
@@ -753,7 +754,7 @@ def write_report(out_dir: Path, docs_path: Path, plan=None, command: str = "", w
             return None
         return obj
 
-    summary = {"command": command, "machine": info, "versions": versions(), "wall_s": wall_s, "compute_s": compute_s,
+    summary = {"command": command, "commit": commit, "machine": info, "versions": versions(), "wall_s": wall_s, "compute_s": compute_s,
                "plan": {k: v for k, v in vars(plan).items()}, "analysis": clean(analysis),
                "cost": clean({k: v for k, v in (cost or {}).items() if k != "top_ops"}), "plots": plots,
                "docs": str(docs_path), "headline": headline}

@@ -1,19 +1,24 @@
-"""The benchmark command: ``python -m benchmarks.run --mode quick|full [options]`` (run from the repository root).
+"""The benchmark command: ``python -m benchmarks.run --mode quick|full|long [options]`` (from the repository root).
+
+The benchmarks run only from a source checkout: they write their results into the repository (``benchmarks/``,
+``docs/benchmarks.md``) and are a study of this repository, not part of the installed library.
 
 What it does, in order (every run is one JSON file under ``OUT/runs``; rerunning the same command skips every run
-already finished, so an interrupted full run resumes where it stopped):
+already finished, so an interrupted run resumes where it stopped):
 
 1. ``base``: the model before fine-tuning, on the reported questions (a reference row).
 2. ``select``: every method at every learning rate of its grid, one seed, scored on the *selection* questions; the
-   LR with the best mean accuracy over tasks is chosen (skipped when a grid has one LR, as in quick mode).
-3. ``report``: every method at its chosen LR, with several seeds, scored on the *reported* questions.
+   LR with the lowest held-out answer loss (or, in the recorded full run, the best accuracy) is chosen (skipped when
+   a grid has one LR, as in the quick and long modes).
+3. ``report``: every method at its chosen LR, with several seeds, scored on the *reported* questions and the
+   held-out answer loss.
 4. ``optim``: ALLoRA (eta=2) against the same adapter without the coefficient (``allora0``), paired by seed, under
    AdamW at allora0's chosen LR and at 4x that LR (row norms grow), and SGD with momentum 0.9 at ``--sgd-lr`` and
    4x it, plus ``sgd_matched`` (allora0 at 2x the LR: the same first step as ALLoRA, so only the adaptation of
    the coefficient differs).
 5. ``cost``: step time and memory of the methods interleaved on one model and batch (see ``benchmarks/cost.py``).
-6. The report: ``DOCS`` (Markdown; default ``docs/benchmarks.md`` in full mode, ``OUT/benchmarks.md`` in quick
-   mode), ``OUT/summary.json`` and the PNG plots in ``OUT/plots``.
+6. The report: ``DOCS`` (Markdown; default ``docs/benchmarks.md`` in full mode, ``OUT/report.md`` in long mode,
+   ``OUT/benchmarks.md`` in quick mode), ``OUT/summary.json`` and the PNG plots in ``OUT/plots``.
 
 ``--dry-run`` prints the plan and a time estimate without running anything; ``python -m benchmarks.report --out
 OUT --docs DOCS`` rebuilds the report from finished runs.
@@ -26,135 +31,43 @@ import gc
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from .methods import OPTIM_PAIR
+from .methods import METHODS, OPTIM_PAIR
+from .plan import (PRESETS, RESULTS_FOLDERS, Plan, base_spec, choose_lr, make_plan, optim_specs,
+                   planned_specs, report_specs, selection_specs)
+from .runner import BaseEvalSpec, load_result, resolve_device, run_base_eval, run_one, write_result
 
 logger = logging.getLogger("benchmarks")
 
-# Where the full mode writes its runs, summary and plots: committed beside docs/benchmarks.md, which links the plots.
-FULL_RESULTS = "benchmarks/results-full"
 
-ALL_METHODS = ("lora", "allora0", "allora_eta2_1", "allora_eta2_2", "allora_eta2_4", "allora_output",
-               "allora_update", "loraplus", "dora", "rslora")
-
-
-@dataclass
-class Plan:
-    """Everything that decides what is run. Saved as ``OUT/plan.json``."""
-
-    mode: str
-    tasks: list[str]
-    methods: list[str]
-    steps: int
-    batch_size: int
-    max_length: int
-    warmup_steps: int
-    lr_points: int  # how many LRs of each method's grid (centred on its default); 1 = no selection phase
-    select_seed: int
-    seeds: list[int]
-    select_limit: int | None
-    report_limit: int | None
-    eval_batch_size: int
-    optim_study: bool
-    optim_seeds: list[int]
-    sgd_lr: float
-    high_lr_factor: float
-    optim_regimes: list[str]
-    cost: bool
-    cost_rounds: int
-    cost_methods: list[str]
-    lr_grids: dict[str, list[float]] = field(default_factory=dict)
-    # method -> the method whose chosen LR it takes (no selection runs of its own); see PRESETS["full"]
-    lr_shared: dict[str, str] = field(default_factory=dict)
-
-    def grid(self, method: str) -> list[float]:
-        return self.lr_grids[method]
-
-    def lr_leader(self, method: str) -> str:
-        """The method whose selection runs decide ``method``'s LR (itself unless it shares one)."""
-        return self.lr_shared.get(method, method)
-
-
-PRESETS = {
-    # A smoke test of the whole pipeline: 2 methods x 1 LR x 1 seed x 5 steps, 16 questions, one task.
-    "quick": dict(tasks=["arc_easy"], methods=["lora", "allora_eta2_4"], steps=5, batch_size=4, max_length=128,
-                  warmup_steps=0, lr_points=1, select_seed=0, seeds=[1], select_limit=16, report_limit=16,
-                  eval_batch_size=32, optim_study=True, optim_seeds=[1], sgd_lr=0.05, high_lr_factor=4.0,
-                  optim_regimes=["sgd"], cost=True, cost_rounds=2, cost_methods=["lora0", "allora", "dora"]),
-    # Sized for about two hours on a 2-core CPU (the estimate is printed first): ~65 runs of 24 steps x 4 examples
-    # of at most 64 tokens. The three tasks the issue asks for: arc_easy (has a test split), boolq and piqa
-    # (validation halves). What had to give on 2 cores (a first attempt at 128 tokens, batch 8, took 10 s a step,
-    # about five hours in all): BoolQ's training passages (median 139 tokens) do not fit 64 tokens, so training
-    # learns from ARC-Easy and PIQA (and the few short BoolQ examples) and BoolQ measures transfer; 25 questions per
-    # task select, 50 are reported; the ALLoRA variants and ALLoRA-0 take the LR chosen for ALLoRA (eta^2 = 4),
-    # so they differ from it only by the coefficient (the reviewers' control); `sgd_matched` is left out. Every
-    # method's whole four-point grid (8x) is searched: with three points, a first full run chose a grid edge for
-    # ALLoRA, LoRA+ and rsLoRA.
-    "full": dict(tasks=["arc_easy", "boolq", "piqa"], methods=list(ALL_METHODS), steps=24, batch_size=4,
-                 max_length=64, warmup_steps=2, lr_points=4, select_seed=0, seeds=[1, 2, 3], select_limit=25,
-                 report_limit=50, eval_batch_size=32, optim_study=True, optim_seeds=[1, 2, 3], sgd_lr=0.05,
-                 high_lr_factor=4.0, optim_regimes=["adamw", "adamw_high", "sgd"],
-                 cost=True, cost_rounds=16,
-                 cost_methods=["lora0", "lora", "allora", "allora_update", "allora_output", "dora"],
-                 lr_shared={m: "allora_eta2_4" for m in ("allora0", "allora_eta2_1", "allora_eta2_2",
-                                                         "allora_output")}),
-}
-
-
-def centred_grid(grid: tuple[float, ...], default: float, points: int) -> list[float]:
-    """``points`` consecutive LRs of ``grid`` around ``default`` (all of it when ``points`` >= its length)."""
-    grid = sorted(grid)
-    if points <= 1:
-        return [default]
-    if points >= len(grid):
-        return list(grid)
-    centre = min(range(len(grid)), key=lambda i: abs(grid[i] / default - 1))
-    start = max(0, min(len(grid) - points, centre - points // 2))
-    return grid[start:start + points]
-
-
-def make_plan(args) -> Plan:
-    from .methods import get_method
-
-    values = dict(PRESETS[args.mode])
+def plan_from_args(args) -> Plan:
+    """The preset of ``--mode`` with the command line's overrides."""
     overrides = {
         "tasks": _list(args.tasks), "methods": _list(args.methods), "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "lr_points": args.lr_points,
         "seeds": _ints(args.seeds), "select_limit": args.select_limit, "report_limit": args.report_limit,
         "sgd_lr": args.sgd_lr, "cost_rounds": args.cost_rounds, "optim_seeds": _ints(args.optim_seeds),
         "optim_regimes": _list(args.optim_regimes), "warmup_steps": args.warmup_steps,
+        "loss_limit": args.loss_limit, "select_by": args.select_by, "model": args.model,
     }
-    values.update({k: v for k, v in overrides.items() if v is not None})
     if args.no_optim_study:
-        values["optim_study"] = False
+        overrides["optim_study"] = False
     if args.no_cost:
-        values["cost"] = False
-    from allora_trl.job.assets import resolve_task
-
-    values["tasks"] = [resolve_task(t) for t in values["tasks"]]
-    for name in values["methods"]:
-        get_method(name)
-    plan = Plan(mode=args.mode, **values)
-    for regime in plan.optim_regimes:
-        optim_regime(plan, regime, 1e-4)  # unknown names fail here, before anything runs
-    for name in plan.methods:
-        method = get_method(name)
-        plan.lr_grids[name] = centred_grid(method.lr_grid, method.default_lr, plan.lr_points)
-    for name in ("allora0", "allora_eta2_4"):
-        if name not in plan.lr_grids:
-            method = get_method(name)
-            plan.lr_grids[name] = centred_grid(method.lr_grid, method.default_lr, plan.lr_points)
-    # a shared LR only applies when its leader runs and leads no one else's; otherwise each method selects its own
-    plan.lr_shared = {m: lead for m, lead in plan.lr_shared.items()
-                      if m in plan.methods and lead in plan.methods and lead not in plan.lr_shared}
-    for m, lead in plan.lr_shared.items():
-        plan.lr_grids[m] = list(plan.lr_grids[lead])
-    return plan
+        overrides["cost"] = False
+    if args.model:
+        overrides["model"] = str(Path(args.model).resolve())
+    device = resolve_device(args.device)
+    overrides["device"] = device
+    overrides["dtype"] = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if overrides["dtype"] not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {overrides['dtype']!r}")
+    return make_plan(args.mode, **overrides)
 
 
 def _list(value):
@@ -167,83 +80,12 @@ def _ints(value):
 
 # ----- the runs ----------------------------------------------------------------------------------------------------
 
-def spec_for(plan: Plan, method: str, lr: float, seed: int, split: str, optim: str = "adamw",
-             max_grad_norm: float = 1.0):
-    from .runner import RunSpec
+def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int, device: str = "cpu",
+            commit: str | None = None) -> dict:
+    """Run ``spec`` unless its finished JSON exists; record it in ``results``; advance the progress bar.
 
-    return RunSpec(method=method, lr=float(lr), seed=seed, steps=plan.steps, split=split, tasks=tuple(plan.tasks),
-                   eval_limit=plan.select_limit if split == "select" else plan.report_limit,
-                   batch_size=plan.batch_size, max_length=plan.max_length, optim=optim,
-                   warmup_steps=plan.warmup_steps, max_grad_norm=max_grad_norm)
-
-
-def selection_specs(plan: Plan) -> list:
-    return [spec_for(plan, m, lr, plan.select_seed, "select") for m in plan.methods
-            if len(plan.grid(m)) > 1 and plan.lr_leader(m) == m for lr in plan.grid(m)]
-
-
-def choose_lr(plan: Plan, method: str, results: dict) -> float:
-    """The grid LR with the best mean selection accuracy (ties: the smaller LR); the grid's only LR otherwise.
-
-    A method in ``plan.lr_shared`` takes its leader's choice."""
-    method = plan.lr_leader(method)
-    grid = plan.grid(method)
-    if len(grid) == 1:
-        return grid[0]
-    scored = []
-    for lr in grid:
-        result = results.get(spec_for(plan, method, lr, plan.select_seed, "select").run_id)
-        if result is not None:
-            scored.append((-result["avg_acc"], lr))
-    return min(scored)[1] if scored else grid[len(grid) // 2]
-
-
-def optim_specs(plan: Plan, chosen: dict[str, float]) -> list[tuple[str, object]]:
-    """``(regime, spec)`` for the optimiser study: allora_eta2_4 vs allora0, same LR, paired by seed."""
-    if not plan.optim_study:
-        return []
-    base_lr = chosen.get("allora0") or plan.grid("allora0")[len(plan.grid("allora0")) // 2]
-    out = []
-    for regime in plan.optim_regimes:
-        for method in OPTIM_PAIR:
-            optim, lr, clip = optim_regime(plan, regime, base_lr, method)
-            for seed in plan.optim_seeds:
-                out.append((regime, spec_for(plan, method, lr, seed, "report", optim, clip)))
-    return out
-
-
-OPTIM_REGIMES = {
-    # name: (optimizer, LR factor (None = --high-lr-factor), gradient clipping max norm (0 = off), allora0's extra
-    # LR factor). AdamW LRs are relative to allora0's chosen LR, SGD LRs to --sgd-lr.
-    "adamw": ("adamw", 1.0, 1.0, 1.0),
-    "adamw_high": ("adamw", None, 1.0, 1.0),
-    "sgd": ("sgd", 1.0, 0.0, 1.0),
-    "sgd_high": ("sgd", None, 0.0, 1.0),
-    "sgd_matched": ("sgd", 1.0, 0.0, 2.0),  # allora0 at eta x the LR: the same first step as ALLoRA (eta = 2)
-    "sgd_clip": ("sgd", 1.0, 1.0, 1.0),
-}
-
-
-def optim_regime(plan: Plan, regime: str, base_lr: float, method: str = "allora_eta2_4") -> tuple[str, float, float]:
-    """``(optimizer, lr, max_grad_norm)`` of ``method`` in a study regime.
-
-    SGD runs without clipping unless ``sgd_clip``: clipping rescales the whole gradient, which at B = 0 (where the
-    coefficient is eta on every row) removes ALLoRA's factor. ``sgd_matched`` gives allora0 eta (= 2) times the LR,
-    so both take the same first step and only the coefficient's adaptation (c falling as rows grow) differs.
+    A new run's JSON records ``commit``, the checkout it ran from (a long run spans sessions and commits).
     """
-    if regime not in OPTIM_REGIMES:
-        raise ValueError(f"Unknown optimiser regime {regime!r}: choose from {', '.join(OPTIM_REGIMES)}.")
-    optim, factor, clip, allora0_factor = OPTIM_REGIMES[regime]
-    factor = plan.high_lr_factor if factor is None else factor
-    if method == "allora0":
-        factor *= allora0_factor
-    return optim, (base_lr if optim == "adamw" else plan.sgd_lr) * factor, clip
-
-
-def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int) -> dict:
-    """Run ``spec`` unless its finished JSON exists; record it in ``results``; advance the progress bar."""
-    from .runner import BaseEvalSpec, load_result, run_base_eval, run_one, write_result
-
     if spec.run_id in results:  # shared by two phases: counted once
         return results[spec.run_id]
     done = load_result(out_dir, spec)
@@ -255,14 +97,18 @@ def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int) -> di
     bar.set_postfix_str(spec.run_id)
     started = time.time()
     if isinstance(spec, BaseEvalSpec):
-        data = run_base_eval(spec, eval_batch_size)
+        data = run_base_eval(spec, eval_batch_size, device)
     else:
-        data = run_one(spec, eval_batch_size)
+        data = run_one(spec, eval_batch_size, device)
+    if commit:
+        data["commit"] = commit
     write_result(out_dir, spec, data)
     results[spec.run_id] = data
     gc.collect()
     bar.update(1)
     accs = ", ".join(f"{t} {r['acc']:.3f}" for t, r in data["eval"].items())
+    if "answer_loss" in data:
+        accs += f"; held-out answer loss {data['answer_loss']['mean']:.4f}"
     if "train" in data:
         loss = data["train"]["loss"]
         bar.write(f"  done {spec.run_id}: loss {loss[0]:.3f} -> {data['train']['final_loss']:.3f}, acc {accs} "
@@ -272,15 +118,15 @@ def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int) -> di
     return data
 
 
-def planned_specs(plan: Plan, chosen: dict[str, float] | None = None) -> dict[str, object]:
-    """Every distinct run of the plan by run id (before selection: assuming each grid's middle LR is chosen)."""
-    from .runner import BaseEvalSpec
-
-    chosen = chosen or {m: plan.grid(m)[(len(plan.grid(m)) - 1) // 2] for m in plan.lr_grids}
-    specs = [BaseEvalSpec("report", tuple(plan.tasks), plan.report_limit), *selection_specs(plan)]
-    specs += [spec_for(plan, m, chosen[m], s, "report") for m in plan.methods for s in plan.seeds]
-    specs += [spec for _, spec in optim_specs(plan, chosen)]
-    return {spec.run_id: spec for spec in specs}
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), recorded with a run; None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "allora_trl"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 # lm-eval seconds per question on a 2-core CPU (SmolLM2-135M, batch 32): long passages or four long endings cost more
@@ -296,6 +142,7 @@ def estimate_seconds(plan: Plan, specs, step_s: float = 2.4, question_s: float =
     total = 0.0
     for spec in specs.values():
         total += overhead_s + (spec.eval_limit or 500) * per_question + getattr(spec, "steps", 0) * step_s
+        total += len(plan.tasks) * plan.loss_limit * 0.15  # held-out loss: one forward per example
     if plan.cost:
         total += plan.cost_rounds * len(plan.cost_methods) * step_s * 1.3 + len(plan.cost_methods) * 40
     return total
@@ -303,8 +150,6 @@ def estimate_seconds(plan: Plan, specs, step_s: float = 2.4, question_s: float =
 
 def run_layer_benchmark(json_path: Path, quick: bool = False) -> bool:
     """``benchmarks/test_layer_speed.py`` under pytest-benchmark, its JSON saved for the report; False if it failed."""
-    import subprocess
-
     here = Path(__file__).resolve().parent
     cmd = [sys.executable, "-m", "pytest", str(here / "test_layer_speed.py"), "--benchmark-only", "-q",
            "-p", "no:cacheprovider"]
@@ -342,27 +187,36 @@ def pick_threads(value: str, apply: bool = True) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("quick", "full"), default="quick",
-                        help="quick: a few minutes, checks the pipeline; full: the benchmark (about two hours)")
+    parser.add_argument("--mode", choices=tuple(PRESETS), default="quick",
+                        help="quick: a few minutes, checks the pipeline; full: the benchmark (about two hours); "
+                        "long: 10x the steps, four methods, resumable across sessions")
+    parser.add_argument("--model", help="a local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: the GPU when there is one)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="weights and autocast (default: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--tasks", help="comma-separated: boolq, piqa, socialiqa, hellaswag, winogrande, arc_easy, "
-                        "arc_challenge, openbookqa (full default: arc_easy,boolq,piqa)")
-    parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
-    parser.add_argument("--out", help=f"results folder (full default: {FULL_RESULTS}, committed with the report; "
-                        "quick: a new temp folder)")
-    parser.add_argument("--docs", help="Markdown report path (full default: docs/benchmarks.md; quick: OUT/benchmarks.md)")
-    parser.add_argument("--steps", type=int, help="optimiser steps per run")
-    parser.add_argument("--batch-size", type=int, help="examples per optimiser step")
-    parser.add_argument("--max-length", type=int, help="max tokens per example")
+                        "arc_challenge, openbookqa (full and long default: arc_easy,boolq,piqa)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--out", help="results folder (full: " + RESULTS_FOLDERS["full"] + ", long: "
+                        + RESULTS_FOLDERS["long"] + ", committed with the report; quick: a new temp folder)")
+    parser.add_argument("--docs", help="Markdown report path (full: docs/benchmarks.md; long: OUT/report.md; "
+                        "quick: OUT/benchmarks.md)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, help="examples per optimizer step")
+    parser.add_argument("--max-length", type=int, help="max tokens per training example (longer ones are skipped)")
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (then constant LR)")
     parser.add_argument("--lr-points", type=int, help="LRs per method grid (1 = each method's default, no selection)")
+    parser.add_argument("--select-by", choices=("loss", "acc"),
+                        help="what chooses the LR on the selection split (default: loss)")
     parser.add_argument("--seeds", help="comma-separated seeds of the reported runs (full default: 1,2,3)")
     parser.add_argument("--select-limit", type=int, help="selection questions per task")
     parser.add_argument("--report-limit", type=int, help="reported questions per task")
-    parser.add_argument("--optim-seeds", help="comma-separated seeds of the optimiser study")
+    parser.add_argument("--loss-limit", type=int, help="held-out answer-loss examples per task (0: not measured)")
+    parser.add_argument("--optim-seeds", help="comma-separated seeds of the optimizer study")
     parser.add_argument("--optim-regimes", help="comma-separated subset of adamw, adamw_high, sgd, sgd_high, "
-                        "sgd_matched, sgd_clip (see OPTIM_REGIMES)")
+                        "sgd_matched, sgd_clip (see benchmarks/plan.py, OPTIM_REGIMES)")
     parser.add_argument("--sgd-lr", type=float, help="SGD (momentum 0.9) learning rate of the 'sgd' regime")
-    parser.add_argument("--no-optim-study", action="store_true", help="skip the optimiser study")
+    parser.add_argument("--no-optim-study", action="store_true", help="skip the optimizer study")
     parser.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     parser.add_argument("--cost-rounds", type=int, help="interleaved rounds of the cost measurement")
     parser.add_argument("--threads", default="auto",
@@ -390,18 +244,22 @@ def main(argv=None) -> int:
 
     threads = pick_threads(args.threads, apply=not args.dry_run)
     try:
-        plan = make_plan(args)
+        plan = plan_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     if args.out:
         out_dir = Path(args.out)
-    elif plan.mode == "full":
-        out_dir = Path(FULL_RESULTS)
+    elif plan.mode in RESULTS_FOLDERS:
+        out_dir = Path(RESULTS_FOLDERS[plan.mode])
     elif args.dry_run:
         out_dir = Path(tempfile.gettempdir()) / "allora-bench-quick-XXXX"
     else:
         out_dir = Path(tempfile.mkdtemp(prefix="allora-bench-quick-"))
-    docs = Path(args.docs) if args.docs else (Path("docs/benchmarks.md") if plan.mode == "full" else out_dir / "benchmarks.md")
+    if args.docs:
+        docs = Path(args.docs)
+    else:
+        docs = {"full": Path("docs/benchmarks.md"), "long": out_dir / "report.md"}.get(plan.mode,
+                                                                                     out_dir / "benchmarks.md")
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
 
     specs = planned_specs(plan)
@@ -410,60 +268,60 @@ def main(argv=None) -> int:
     n_optim = len(specs) - 1 - n_select - n_report
     estimate = estimate_seconds(plan, specs)
     print(f"Plan ({plan.mode}): {len(plan.methods)} methods on {', '.join(plan.tasks)}; {n_select} selection runs, "
-          f"{n_report} reported runs, about {n_optim} more for the optimiser study "
+          f"{n_report} reported runs, about {n_optim} more for the optimizer study "
           f"({', '.join(plan.optim_regimes) if plan.optim_study else 'off'}); "
           f"{plan.steps} steps x batch {plan.batch_size}; cost measurement: {'on' if plan.cost else 'off'}.")
     print("LR grids: " + "; ".join(f"{m} {plan.grid(m)}" if plan.lr_leader(m) == m else f"{m} as {plan.lr_leader(m)}"
-                                   for m in plan.methods))
-    print(f"torch threads: {threads} ({args.threads})")
+                                   for m in plan.methods) + f" (chosen by {plan.select_by})")
+    print(f"Model: {plan.model or 'SmolLM2-135M-Instruct'}, {plan.dtype} on {plan.device}; torch threads: {threads} "
+          f"({args.threads})")
     print(f"Estimated time on a 2-core CPU: {estimate / 60:.0f} min. Results: {out_dir}  Report: {docs}")
     if args.dry_run:
         return 0
 
     from tqdm.auto import tqdm
 
-    from .runner import BaseEvalSpec
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
     started = time.time()
     results: dict[str, dict] = {}
-    total = len(specs)
-    with tqdm(total=total, desc="benchmark runs", unit="run", dynamic_ncols=True, file=sys.stdout) as bar:
+    commit = git_commit()
+    run = dict(out_dir=out_dir, results=results, eval_batch_size=plan.eval_batch_size, device=plan.device,
+               commit=commit)
+    with tqdm(total=len(specs), desc="benchmark runs", unit="run", dynamic_ncols=True, file=sys.stdout) as bar:
         bar.write("[base] the model before fine-tuning")
-        execute(BaseEvalSpec("report", tuple(plan.tasks), plan.report_limit), out_dir, results, bar,
-                plan.eval_batch_size)
+        execute(base_spec(plan), bar=bar, **run)
         if n_select:
-            bar.write("[select] learning-rate grid on the selection questions")
+            bar.write(f"[select] learning-rate grid on the selection questions (by {plan.select_by})")
         for spec in selection_specs(plan):
-            execute(spec, out_dir, results, bar, plan.eval_batch_size)
+            execute(spec, bar=bar, **run)
         chosen = {m: choose_lr(plan, m, results) for m in plan.lr_grids}
         bar.write("[report] chosen LRs: " + ", ".join(f"{m} {chosen[m]:g}" for m in plan.methods))
-        for method in plan.methods:
-            for seed in plan.seeds:
-                execute(spec_for(plan, method, chosen[method], seed, "report"), out_dir, results, bar,
-                        plan.eval_batch_size)
+        for spec in report_specs(plan, chosen):
+            execute(spec, bar=bar, **run)
         optim = optim_specs(plan, chosen)
         bar.total = bar.n + len({s.run_id for _, s in optim} - set(results))  # the LRs are known now
         bar.refresh()
         if optim:
-            bar.write("[optim] allora_eta2_4 vs allora0: AdamW / SGD, normal and high LR")
+            bar.write(f"[optim] {OPTIM_PAIR[0]} vs {OPTIM_PAIR[1]}: AdamW / SGD, normal and high LR")
         for _, spec in optim:
-            execute(spec, out_dir, results, bar, plan.eval_batch_size)
+            execute(spec, bar=bar, **run)
     cost = None
     if plan.cost:
         from .cost import measure_cost
 
         cost_path = out_dir / "cost.json"
         cost_key = {"tasks": plan.tasks, "batch_size": plan.batch_size, "max_length": plan.max_length,
-                    "rounds": plan.cost_rounds, "methods": plan.cost_methods}
+                    "rounds": plan.cost_rounds, "methods": plan.cost_methods, "model": plan.model,
+                    "dtype": plan.dtype, "device": plan.device}
         if cost_path.is_file() and json.loads(cost_path.read_text()).get("key") == cost_key:
             cost = json.loads(cost_path.read_text())
             print("[cost] finished earlier: reusing cost.json")
         else:
             print(f"[cost] {plan.cost_rounds} interleaved rounds of {', '.join(plan.cost_methods)}")
             cost = measure_cost(tuple(plan.tasks), plan.batch_size, plan.max_length, plan.cost_rounds,
-                                names=tuple(plan.cost_methods), profile_ops=plan.mode == "full")
+                                names=tuple(plan.cost_methods), profile_ops=plan.mode == "full", model=plan.model,
+                                dtype=plan.dtype, device=plan.device)
             cost["key"] = cost_key
             cost_path.write_text(json.dumps(cost, indent=1))
         layer_json = out_dir / "layer_speed.json"
@@ -473,7 +331,7 @@ def main(argv=None) -> int:
     wall = time.time() - started
     from .report import write_report
 
-    summary = write_report(out_dir, docs, plan=plan, command=command, wall_s=wall)
+    summary = write_report(out_dir, docs, plan=plan, command=command, wall_s=wall, commit=commit)
     print(f"\nDone in {wall / 60:.1f} min. Report: {docs}\nRuns: {out_dir / 'runs'}  Plots: {out_dir / 'plots'}")
     for line in summary.get("headline", []):
         print("  " + line)

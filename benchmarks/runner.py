@@ -1,8 +1,11 @@
-"""One benchmark run: load SmolLM2, train one method with one optimiser / LR / seed, evaluate, write one JSON.
+"""One benchmark run: load the model, train one method with one optimizer / LR / seed, evaluate, write one JSON.
 
 A run is identified by everything that determines its result (:class:`RunSpec`); its JSON file is written
 atomically when the run has finished, so an interrupted benchmark resumes by skipping every run whose file exists
 with the same spec. Runs with the same seed see the same training examples in the same order (paired).
+
+The device is not part of a run's identity (the same run on a GPU is the same experiment, up to numerics); it is
+recorded in the run's JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ from pathlib import Path
 logger = logging.getLogger("benchmarks")
 
 
+# Spec fields added after the full mode was recorded, with the values those runs had: a spec leaves them out of its
+# JSON and run id while they are at these values, so the recorded runs are still found (and resumed) as they are.
+LATER_FIELDS = {"model": None, "dtype": "float32", "loss_limit": 0, "loss_max_length": 512, "sampling": "random"}
+
+
+def _spec_json(spec) -> dict:
+    data = asdict(spec)
+    data["tasks"] = list(spec.tasks)
+    return {k: v for k, v in data.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     method: str
@@ -35,16 +49,20 @@ class RunSpec:
     optim: str = "adamw"  # "adamw" (adamw_torch) or "sgd" (momentum 0.9)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    model: str | None = None  # a local causal-LM folder; None = SmolLM2-135M-Instruct
+    dtype: str = "float32"  # "float32" or "bfloat16" (bf16 weights and autocast)
+    loss_limit: int = 0  # held-out answer-loss examples per task (0 = not measured)
+    loss_max_length: int = 512
+    sampling: str = "random"  # or "group_by_length"
 
     @property
     def run_id(self) -> str:
         clip = "" if self.max_grad_norm == 1.0 else f"__clip{self.max_grad_norm:g}"
-        return f"{self.split}__{self.method}__{self.optim}__lr{self.lr:.3g}__s{self.seed}__n{self.steps}{clip}"
+        dtype = "" if self.dtype == "float32" else f"__{self.dtype}"
+        return f"{self.split}__{self.method}__{self.optim}__lr{self.lr:.3g}__s{self.seed}__n{self.steps}{clip}{dtype}"
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["tasks"] = list(self.tasks)
-        return data
+        return _spec_json(self)
 
 
 @dataclass(frozen=True)
@@ -54,15 +72,17 @@ class BaseEvalSpec:
     split: str
     tasks: tuple[str, ...]
     eval_limit: int | None
+    model: str | None = None
+    dtype: str = "float32"
+    loss_limit: int = 0
+    loss_max_length: int = 512
 
     @property
     def run_id(self) -> str:
-        return f"{self.split}__base"
+        return f"{self.split}__base" + ("" if self.dtype == "float32" else f"__{self.dtype}")
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["tasks"] = list(self.tasks)
-        return data
+        return _spec_json(self)
 
 
 def versions() -> dict[str, str]:
@@ -118,9 +138,10 @@ def _norm_recorder():
     from allora_trl.core.model import iter_lora_layers
 
     class NormRecorder(TrainerCallback):
-        """Per optimiser step: mean row norm of the adapter's weight change (scaling * BA) and of BA; step time.
+        """Per optimizer step: row norms of the adapter's weight change (scaling * BA) and of BA; step time.
 
-        For DoRA the recorded change is scaling * BA (its magnitude vector is not included).
+        ALLoRA's coefficient is a function of the row norms of BA, so their mean and largest value say how far it
+        can have moved. For DoRA the recorded change is scaling * BA (its magnitude vector is not included).
         """
 
         def __init__(self):
@@ -131,18 +152,20 @@ def _norm_recorder():
             import torch
 
             total = raw = 0.0
+            largest = 0.0
             count = 0
             with torch.no_grad():
                 for _, layer in iter_lora_layers(model):
                     for name in layer.active_adapters:
                         if name not in layer.lora_A:
                             continue
-                        norms = lora_row_norms(layer.lora_A[name].weight, layer.lora_B[name].weight)
+                        norms = lora_row_norms(layer.lora_A[name].weight, layer.lora_B[name].weight).float()
                         raw += float(norms.sum())
                         total += float(norms.sum()) * float(layer.scaling[name])
+                        largest = max(largest, float(norms.max()))
                         count += norms.numel()
             self.rows.append({"step": step, "delta_row_norm_mean": total / max(count, 1),
-                              "ba_row_norm_mean": raw / max(count, 1)})
+                              "ba_row_norm_mean": raw / max(count, 1), "ba_row_norm_max": largest})
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self._record(0, model)
@@ -158,41 +181,78 @@ def _norm_recorder():
     return NormRecorder()
 
 
-def load_model(dtype=None):
+def resolve_device(device: str = "auto") -> str:
+    """``"cuda"`` or ``"cpu"``; ``"auto"`` takes the GPU when there is one."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no GPU")
+    return device
+
+
+def load_model(model: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """``(model, tokenizer, path)``: a local causal-LM folder (default SmolLM2-135M-Instruct) in ``dtype`` on ``device``.
+
+    A tokenizer without a padding token gets its EOS token as one (batched scoring and training need one).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allora_trl.job.assets import smollm2_path
+    if model is None:
+        from allora_trl.job.assets import smollm2_path
 
-    path = smollm2_path()
+        path = smollm2_path()
+    else:
+        path = str(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    return model, tokenizer, path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    return loaded, tokenizer, path
 
 
-def run_base_eval(spec: BaseEvalSpec, eval_batch_size: int) -> dict:
-    from .data import evaluate
+def model_label(spec) -> str:
+    return "SmolLM2-135M-Instruct" if spec.model is None else str(spec.model)
 
-    started = time.time()
-    model, tokenizer, _ = load_model()
+
+def _evaluate_all(model, tokenizer, spec, eval_batch_size: int) -> dict:
+    """Accuracy on the spec's questions and, with ``loss_limit``, the held-out answer loss of its split."""
+    from .data import answer_loss, evaluate
+
     results = evaluate(model, tokenizer, spec.tasks, spec.split, spec.eval_limit, eval_batch_size)
-    return {"spec": spec.to_json(), "run_id": spec.run_id, "eval": results,
-            "avg_acc": statistics.fmean(r["acc"] for r in results.values()), "wall_s": time.time() - started,
-            "versions": versions()}
+    data = {"eval": results, "avg_acc": statistics.fmean(r["acc"] for r in results.values())}
+    if spec.loss_limit:
+        data["answer_loss"] = answer_loss(model, tokenizer, spec.tasks, spec.split, spec.loss_limit,
+                                          max_length=spec.loss_max_length)
+    return data
 
 
-def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
+def run_base_eval(spec: BaseEvalSpec, eval_batch_size: int, device: str = "cpu") -> dict:
+    started = time.time()
+    model, tokenizer, _ = load_model(spec.model, spec.dtype, device)
+    data = {"spec": spec.to_json(), "run_id": spec.run_id, **_evaluate_all(model, tokenizer, spec, eval_batch_size),
+            "wall_s": time.time() - started, "versions": versions()}
+    if device != "cpu":
+        data["device"] = device
+    return data
+
+
+def run_one(spec: RunSpec, eval_batch_size: int = 32, device: str = "cpu") -> dict:
     """Train and evaluate one run; returns the JSON-ready result (nothing is written here)."""
     import torch
     from transformers import set_seed
 
-    from .data import evaluate, train_dataset
+    from .data import train_dataset
     from .methods import get_method
 
     started = time.time()
     method = get_method(spec.method)
     set_seed(spec.seed)
-    model, tokenizer, _ = load_model()
+    model, tokenizer, _ = load_model(spec.model, spec.dtype, device)
     dataset = train_dataset(spec.tasks, spec.steps * spec.batch_size, spec.seed, tokenizer, spec.max_length)
     recorder = _norm_recorder()
     with tempfile.TemporaryDirectory(prefix="allora-bench-run-") as tmp:
@@ -212,10 +272,13 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
             max_length=spec.max_length,
             seed=spec.seed,
             dataloader_num_workers=0,
-            bf16=False,
-            gradient_checkpointing=False,
+            bf16=spec.dtype == "bfloat16",
+            gradient_checkpointing=False,  # TRL's default; on a CPU it costs far more than the memory it saves
+            use_cpu=device == "cpu",
             disable_tqdm=True,
         )
+        if spec.sampling != "random":
+            args_kwargs["train_sampling_strategy"] = spec.sampling
         if spec.optim == "sgd":
             args_kwargs.update(optim="sgd", optim_args="momentum=0.9")
         elif spec.optim != "adamw":
@@ -233,7 +296,7 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
     grad_norms = [float(r["grad_norm"]) for r in steps if "grad_norm" in r]
     step_times = [r["step_s"] for r in recorder.rows[1:] if "step_s" in r]
     diverged = not all(math.isfinite(x) for x in losses)
-    results = evaluate(trainer.model, tokenizer, spec.tasks, spec.split, spec.eval_limit, eval_batch_size)
+    evaluated = _evaluate_all(trainer.model, tokenizer, spec, eval_batch_size)
     tail = [x for x in losses[-max(1, len(losses) // 5):] if math.isfinite(x)]
     data = {
         "run_id": spec.run_id,
@@ -254,12 +317,13 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32) -> dict:
             "diverged": diverged,
             "examples": len(dataset),
         },
-        "eval": results,
-        "avg_acc": statistics.fmean(r["acc"] for r in results.values()),
+        **evaluated,
         "wall_s": time.time() - started,
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
     }
+    if device != "cpu":
+        data["device"] = device
     del trainer, model
     return data
 

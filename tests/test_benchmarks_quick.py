@@ -41,20 +41,20 @@ def test_reported_questions_never_select():
 
 
 def test_plans_and_grids():
-    from benchmarks.run import ALL_METHODS, centred_grid, main
+    from benchmarks.plan import centred_grid
+    from benchmarks.run import main
 
     assert centred_grid((1e-4, 2e-4, 4e-4, 8e-4), 2e-4, 3) == [1e-4, 2e-4, 4e-4]
     assert centred_grid((1e-4, 2e-4, 4e-4, 8e-4), 2e-4, 1) == [2e-4]
-    assert len(ALL_METHODS) == 10
     assert main(["--mode", "full", "--dry-run", "--out", os.devnull + "-unused"]) == 0
     with pytest.raises(SystemExit):
         main(["--mode", "quick", "--methods", "nope", "--dry-run"])
 
 
 def test_shared_learning_rates_take_the_leaders_choice():
-    from benchmarks.run import build_parser, choose_lr, make_plan, selection_specs, spec_for
+    from benchmarks.plan import choose_lr, make_plan, selection_specs, spec_for
 
-    plan = make_plan(build_parser().parse_args(["--mode", "full"]))
+    plan = make_plan("full", select_by="acc")
     assert plan.lr_shared["allora0"] == "allora_eta2_4"
     selected = {spec.method for spec in selection_specs(plan)}
     assert "allora_eta2_4" in selected and not selected & set(plan.lr_shared)
@@ -63,7 +63,7 @@ def test_shared_learning_rates_take_the_leaders_choice():
                for x in plan.grid("allora_eta2_4")}
     assert choose_lr(plan, "allora0", results) == choose_lr(plan, "allora_eta2_4", results) == lr
     # without its leader a method selects its own LR
-    alone = make_plan(build_parser().parse_args(["--mode", "full", "--methods", "allora0,lora"]))
+    alone = make_plan("full", methods=["allora0", "lora"])
     assert alone.lr_shared == {} and "allora0" in {spec.method for spec in selection_specs(alone)}
 
 
