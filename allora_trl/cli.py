@@ -53,20 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "lm-eval", "lm_eval", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .job.arguments import build_parser, validate
+    from .job.arguments import UsageError, build_parser, check_config_file, validate
 
-    parser = build_parser()
     try:
-        script_args, training_args = parser.parse_args_and_config(args=rest)
-    except ValueError as exc:  # bad values in ALLoRAConfig / unknown YAML keys: one line, no traceback
-        print(f"allora-trl train: error: {exc}", file=sys.stderr)
-        return 2
-    validate(script_args, training_args)
+        check_config_file(rest)
+        # argparse's own errors (unknown option, bad type) print the short usage and exit 2 from inside parse
+        script_args, training_args, unknown = build_parser().parse_args_and_config(
+            args=rest, return_remaining_strings=True
+        )
+        if unknown:
+            raise UsageError(
+                f"unknown option(s) {' '.join(unknown)} (on the command line or as --config keys); "
+                "`allora-trl train --help` lists every option."
+            )
+        validate(script_args, training_args)
+    except ValueError as exc:  # UsageError, ALLoRAConfig's checks, unknown YAML keys: one line, no traceback
+        return usage_error(exc)
 
     from .job.train import run_training
 
-    run_training(script_args, training_args)
+    try:
+        run_training(script_args, training_args)
+    except UsageError as exc:  # the checks that need the data or the model, still before anything is written
+        return usage_error(exc)
     return 0
+
+
+def usage_error(exc: Exception) -> int:
+    """Print ``exc`` as one line after the command's name; the exit status of a usage error."""
+    print(f"allora-trl train: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

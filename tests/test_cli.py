@@ -1,15 +1,35 @@
 """The `allora-trl train` command: option parsing, validation before anything is loaded, and a tiny full run."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from allora_trl.cli import main
-from allora_trl.job.arguments import TrainScriptArguments, build_parser
+from allora_trl.job.arguments import TrainScriptArguments, build_parser, validate
 
 
 def parse(argv):
     return build_parser().parse_args_and_config(args=argv)
+
+
+def run(argv, capsys):
+    """Run the command; return its exit status and stderr (argparse's errors exit from inside the parser)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_usage_error(code, err, *needles):
+    """Exit status 2, one line of error (after at most a short usage line), no traceback, naming each needle."""
+    assert code == 2, err
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]  # not datasets' progress bars
+    assert "Traceback" not in err and len(lines) <= 2 and lines[-1].startswith("allora-trl train: error:"), err
+    for needle in needles:
+        assert needle in lines[-1], (needle, err)
 
 
 def test_defaults_are_the_cpu_main_job():
@@ -60,38 +80,178 @@ def test_bad_config_values_exit_2_naming_the_field(tmp_path, capsys, argv, messa
         (["--lora_r", "0"], "lora_r"),
     ],
 )
-def test_bad_paths_and_values_fail_before_training(tmp_path, argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["train", "--output_dir", str(tmp_path / "o"), *argv])
+def test_bad_paths_and_values_fail_before_training(tmp_path, capsys, argv, message):
+    assert_usage_error(*run(["train", "--output_dir", str(tmp_path / "o"), *argv], capsys), message)
     assert not (tmp_path / "o").exists()
 
 
-def test_non_empty_output_dir_is_not_overwritten(tmp_path):
+def test_non_empty_output_dir_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="overwrite_output_dir"):
-        main(["train", "--output_dir", str(out)])
+    assert_usage_error(*run(["train", "--output_dir", str(out)], capsys), "overwrite_output_dir")
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-def test_malformed_dataset_fails_before_the_model_is_loaded(tmp_path, tiny_model_dir):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"question": "a", "answer": "b"}\n')
-    with pytest.raises(SystemExit, match="prompt.*completion"):
-        main(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_model_dir,
-              "--dataset_path", str(data), "--skip_eval", "true"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "a", "answer": "b"}\n', "'prompt' + 'completion'"),
+        ('{"prompt": "Q: sky?"}\n{"prompt": "Q: grass?"}\n', "'prompt' needs its 'completion'"),  # TRL: KeyError
+        ("", "is empty"),
+        ('{"text": ""}\n{"text": "  "}\n', "every row's 'text' is empty"),
+        ('{"prompt": "a", "completion": ""}\n', "every row's 'completion' is empty"),
+        ('{"prompt": "a", "completion": \n', "could not be read as json"),
+    ],
+)
+def test_unusable_dataset_fails_before_the_model_is_loaded(tmp_path, capsys, monkeypatch, content, message):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    model_dir = tmp_path / "model"  # passes the path checks; loading it would fail, and must not be tried
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(model_dir),
+                     "--dataset_path", str(data), "--skip_eval", "true"], capsys)
+    assert_usage_error(code, err, "dataset_path", message)
     assert not (tmp_path / "o").exists()
+
+
+def test_empty_dataset_folder_is_a_one_line_error(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_model_dir,
+                     "--dataset_path", str(tmp_path / "data"), "--skip_eval", "true"], capsys)
+    assert_usage_error(code, err, "dataset_path", "save_to_disk")
+    assert not (tmp_path / "o").exists()
+
+
+def test_misspelt_target_module_fails_after_loading_before_anything_is_written(tmp_path, capsys, tiny_model_dir,
+                                                                               qa_dataset, monkeypatch):
+    import allora_trl.job.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_multiple_choice", lambda *a, **k: pytest.fail("evaluated first"))
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_model_dir,
+                     "--dataset_path", str(data), "--lora_target_modules", "q_proj,v_porj"], capsys)
+    assert_usage_error(code, err, "lora_target_modules", "'v_porj'", "v_proj", "o_proj")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, needles",
+    [
+        ("allora_eta: true\n", ["allora_eta", "boolean"]),
+        ("max_steps: [1\n", ["not valid YAML", "line"]),
+        ("- max_steps\n", ["YAML mapping"]),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, capsys, yaml_text, needles):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    assert_usage_error(*run(["train", "--config", str(config), "--output_dir", str(tmp_path / "o")], capsys), *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert_usage_error(*run(["train", "--config", str(tmp_path / "nope.yaml")], capsys), "--config", "does not exist")
+
+
+def test_eval_split_that_a_task_lacks_is_refused_before_loading(tmp_path, capsys):
+    code, err = run(["train", "--eval_tasks", "arc_easy,piqa", "--eval_split", "test",
+                     "--output_dir", str(tmp_path / "o")], capsys)
+    assert_usage_error(code, err, "eval_split", "piqa", "validation")
+
+
+def test_unwritable_output_dir_is_refused_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_usage_error(*run(["train", "--output_dir", str(blocker / "run")], capsys), "output_dir", "is a file")
+    assert_usage_error(*run(["train", "--output_dir", str(blocker)], capsys), "output_dir", "not a folder")
+
+
+def checkpoint(folder, step):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--resume_from_checkpoint"], "latest"),  # the bare form the docs and the refusal message give
+        (["--resume_from_checkpoint", "true"], "latest"),
+        (["--resume_from_checkpoint", "True"], "latest"),
+        (["--resume_from_checkpoint", "--max_steps", "3"], "latest"),
+        (["--resume_from_checkpoint", "CHECKPOINT-2"], "given"),
+    ],
+)
+def test_resume_from_checkpoint_forms_resolve_to_a_checkpoint(tmp_path, argv, expected):
+    out = tmp_path / "o"
+    older, latest = checkpoint(out, 2), checkpoint(out, 10)
+    argv = [older if a == "CHECKPOINT-2" else a for a in argv]
+    script, args = parse(["--output_dir", str(out), *argv])
+    validate(script, args)
+    assert args.resume_from_checkpoint == (latest if expected == "latest" else older)
+
+
+def test_resume_in_yaml_as_a_boolean(tmp_path):
+    out = tmp_path / "o"
+    latest = checkpoint(out, 4)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"resume_from_checkpoint: true\noutput_dir: {out}\n")
+    script, args = parse(["--config", str(config)])
+    validate(script, args)
+    assert args.resume_from_checkpoint == latest
+
+
+def test_resume_false_does_not_slip_past_the_non_empty_output_dir_guard(tmp_path, capsys):
+    out = tmp_path / "o"
+    checkpoint(out, 2)
+    code, err = run(["train", "--output_dir", str(out), "--resume_from_checkpoint", "false"], capsys)
+    assert_usage_error(code, err, "overwrite_output_dir", "--resume_from_checkpoint (no value")
+
+
+@pytest.mark.parametrize("value, message", [("true", "no checkpoint-"), ("/nonexistent/ckpt", "does not exist")])
+def test_resume_without_a_checkpoint_names_a_form_that_works(tmp_path, capsys, value, message):
+    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", value], capsys)
+    assert_usage_error(code, err, "resume_from_checkpoint", message)
+
+
+def test_resume_run_continues_from_the_latest_checkpoint(tmp_path, capsys, tiny_model_dir, qa_dataset):
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    common = ["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
+              "--skip_eval", "true", "--per_device_train_batch_size", "4", "--lora_r", "2",
+              "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    assert main([*common, "--max_steps", "2"]) == 0
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0  # a mark that only a run resumed from this checkpoint can report
+    state_file.write_text(json.dumps(state))
+    assert main([*common, "--max_steps", "3", "--resume_from_checkpoint"]) == 0
+    history = json.loads((out / "summary.json").read_text())["log_history"]
+    assert [(row["step"], row["loss"] == 123.0) for row in history if "loss" in row] == [(1, True), (2, False), (3, False)]
 
 
 def test_full_run_on_a_tiny_model_writes_adapter_plot_and_summary(tmp_path, tiny_model_dir, qa_dataset):
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
     out = tmp_path / "run"
+    old_checkpoint = checkpoint(out, 99)  # an earlier run's: --overwrite_output_dir must not leave it beside this one
     code = main(["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
                  "--max_steps", "4", "--logging_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
-                 "--eval_tasks", "arc_easy", "--eval_limit", "4", "--eval_batch_size", "8", "--allora_eta", "1.5"])
+                 "--eval_tasks", "arc_easy", "--eval_limit", "4", "--eval_batch_size", "8", "--allora_eta", "1.5",
+                 "--overwrite_output_dir", "true"])
     assert code == 0
+    assert not any(out.glob("checkpoint-*")), old_checkpoint
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"] == 4 and config["lora_dropout"] == 0
     assert json.loads((out / "allora_config.json").read_text())["eta"] == 1.5
@@ -100,6 +260,19 @@ def test_full_run_on_a_tiny_model_writes_adapter_plot_and_summary(tmp_path, tiny
     assert summary["accuracy_before"]["arc_easy"]["n"] == 4 and 0 <= summary["accuracy_after"]["arc_easy"]["acc"] <= 1
     assert summary["allora_stats_last"]["allora/coefficient_max"] <= 1.5
     assert summary["train_loss_last"] is not None
+    assert summary["allora"] == {"eta": 1.5, "coefficient": "weight", "scale": "gradient"}
+
+
+def test_update_scale_is_recorded_in_allora_config_and_summary(tmp_path, tiny_model_dir, qa_dataset):
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    assert main(["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
+                 "--max_steps", "1", "--per_device_train_batch_size", "4", "--lora_r", "2", "--skip_eval", "true",
+                 "--allora_scale", "update"]) == 0
+    assert json.loads((out / "summary.json").read_text())["allora"]["scale"] == "update"
+    saved = json.loads((out / "allora_config.json").read_text())
+    assert saved["scale"] == "update" and saved["format_version"] == 1
 
 
 def test_script_arguments_document_every_field():
@@ -116,6 +289,27 @@ def test_example_configs_parse():
     for config in configs:
         script, args = parse(["--config", str(config)])
         assert args.allora_eta > 0 and script.lora_r > 0, config
+
+
+def test_train_help_lists_config_and_resume_without_value(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--config FILE.yaml" in help_text and "[PATH|true|false]" in help_text
+
+
+def test_argparse_errors_print_a_short_usage(capsys):
+    code, err = run(["train", "--max_steps", "abc"], capsys)
+    assert_usage_error(code, err, "--max_steps", "invalid int")
+    code, err = run(["train", "--no_such_option", "1"], capsys)
+    assert_usage_error(code, err, "--no_such_option", "--help")
+
+
+def test_importing_the_command_prints_no_bitsandbytes_line():
+    """peft imports bitsandbytes, which warns about an optional CPU kernel on AVX512-BF16 machines."""
+    result = subprocess.run([sys.executable, "-c", "import allora_trl.cli, peft, trl"], capture_output=True, text=True)
+    assert result.returncode == 0 and "gemm_4bit" not in result.stderr, result.stderr
 
 
 def test_usage_names_the_command_and_where_the_benchmarks_are(capsys):

