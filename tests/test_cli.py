@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from allora_trl.cli import main
 from allora_trl.job.arguments import TrainScriptArguments, build_parser, validate
@@ -325,3 +326,18 @@ def test_train_without_the_job_extra_names_the_extra(monkeypatch, capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
     assert "no-such-req" in err and 'allora-trl[job]' in err and "lm-eval" not in err.split("(")[1].split(")")[0]
+
+
+def test_evaluation_restores_training_mode_when_lm_eval_fails(monkeypatch):
+    import lm_eval.models.huggingface
+
+    from allora_trl.job.evaluation import evaluate_docs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lm-eval failed")
+
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", broken)
+    model = torch.nn.Linear(2, 2).train()
+    with pytest.raises(RuntimeError, match="lm-eval failed"):
+        evaluate_docs(model, None, {"t": [{"query": "q", "choices": ["a", "b"], "gold": 0}]})
+    assert model.training

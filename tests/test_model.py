@@ -219,3 +219,24 @@ def test_misspelt_target_module_is_an_error_naming_the_model_names(tiny_model_di
     with pytest.raises(ValueError, match="q_proj") as info:
         check_target_modules(peft, ["x_proj"])
     assert "base_layer" not in str(info.value) and "lora_A" not in str(info.value)
+
+
+def test_bitsandbytes_kernel_notice_is_held_until_4bit_lora_is_used(caplog):
+    """peft's import of bitsandbytes warns about an optional 4-bit CPU kernel; only 4-bit users need to see it."""
+    import logging
+
+    from allora_trl.core import model as core_model
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addFilter(core_model._BNB_NOTICE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+            logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no kernels")
+            logger.warning("another bitsandbytes warning")
+            assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+    finally:
+        logger.removeFilter(core_model._BNB_NOTICE)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        core_model._BNB_NOTICE.release()  # what apply_allora does when it meets a bitsandbytes Linear4bit layer
+    assert any("gemm_4bit_forward" in r.getMessage() for r in caplog.records)
+    assert core_model._BNB_NOTICE.held == []
