@@ -114,7 +114,7 @@ def _scored_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], int]:
     n_prompt = len(tokenizer(row["prompt"])["input_ids"])
     n_completion = max(1, len(ids) - n_prompt)
     if len(ids) > max_length:
-        ids = ids[len(ids) - max_length:]  # the passage's start goes; the answer and what precedes it stay
+        ids = ids[len(ids) - max_length :]  # the passage's start goes; the answer and what precedes it stay
     return ids, min(n_completion, len(ids) - 1)
 
 
@@ -141,17 +141,20 @@ def answer_nll(model, tokenizer, rows: list[dict], batch_size: int = 8, max_leng
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                batch = [encoded[i] for i in order[start:start + batch_size]]
+                batch = [encoded[i] for i in order[start : start + batch_size]]
                 width = max(len(ids) for ids, _ in batch)
                 keep = max(n for _, n in batch) + 1
                 input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch], device=device)
                 mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
                 position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                               logits_to_keep=keep).logits[:, -keep:-1].float()
-                logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, -keep + 1:, None])[..., 0]
-                for row, (index, (_, n)) in enumerate(zip(order[start:start + batch_size], batch)):
-                    out[index] = float(-logprobs[row, logprobs.shape[1] - n:].mean())
+                logits = (
+                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+                    .logits[:, -keep:-1]
+                    .float()
+                )
+                logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, -keep + 1 :, None])[..., 0]
+                for row, (index, (_, n)) in enumerate(zip(order[start : start + batch_size], batch)):
+                    out[index] = float(-logprobs[row, logprobs.shape[1] - n :].mean())
     finally:
         model.train(was_training)
     return out
@@ -174,4 +177,14 @@ def answer_loss(model, tokenizer, tasks, which: str, limit: int, batch_size: int
     return {"mean": statistics.fmean(t["nll"] for t in tasks_out.values()), "tasks": tasks_out}
 
 
-__all__ = ["COMMONSENSE_TASKS", "answer_loss", "answer_nll", "eval_docs", "eval_pool", "evaluate", "split_plan", "task_docs", "train_dataset"]
+__all__ = [
+    "COMMONSENSE_TASKS",
+    "answer_loss",
+    "answer_nll",
+    "eval_docs",
+    "eval_pool",
+    "evaluate",
+    "split_plan",
+    "task_docs",
+    "train_dataset",
+]

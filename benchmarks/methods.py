@@ -74,15 +74,45 @@ METHODS: dict[str, Method] = {
         Method("allora_eta2_1", "ALLoRA, eta^2=1 (eta=1)", 1.0, 0.0, "allora", eta=1.0),
         Method("allora_eta2_2", "ALLoRA, eta^2=2 (eta=sqrt 2)", 1.0, 0.0, "allora", eta=2.0**0.5),
         Method("allora_eta2_4", "ALLoRA, eta^2=4 (eta=2, the paper's default)", 1.0, 0.0, "allora", eta=2.0),
-        Method("allora_output", "ALLoRA, per-token output coefficient (eta=2; the paper's ablation)", 1.0, 0.0,
-               "allora", eta=2.0, coefficient="output"),
-        Method("allora_update", "ALLoRA, coefficient on the optimiser update (eta=2; allora-trl's extension)", 1.0,
-               0.0, "allora", eta=2.0, scale="update", lr_grid=LOW_GRID, default_lr=1e-4),
-        Method("loraplus", "LoRA+ (peft create_loraplus_optimizer, lr_B = 16 lr_A; alpha=2r, dropout 0.05)", 2.0,
-               0.05, loraplus_ratio=16.0, lr_grid=LOW_GRID, default_lr=1e-4),
+        Method(
+            "allora_output",
+            "ALLoRA, per-token output coefficient (eta=2; the paper's ablation)",
+            1.0,
+            0.0,
+            "allora",
+            eta=2.0,
+            coefficient="output",
+        ),
+        Method(
+            "allora_update",
+            "ALLoRA, coefficient on the optimiser update (eta=2; allora-trl's extension)",
+            1.0,
+            0.0,
+            "allora",
+            eta=2.0,
+            scale="update",
+            lr_grid=LOW_GRID,
+            default_lr=1e-4,
+        ),
+        Method(
+            "loraplus",
+            "LoRA+ (peft create_loraplus_optimizer, lr_B = 16 lr_A; alpha=2r, dropout 0.05)",
+            2.0,
+            0.05,
+            loraplus_ratio=16.0,
+            lr_grid=LOW_GRID,
+            default_lr=1e-4,
+        ),
         Method("dora", "DoRA (peft use_dora; alpha=2r, dropout 0.05)", 2.0, 0.05, use_dora=True),
-        Method("rslora", "rsLoRA (peft use_rslora; alpha=2r, so scaling alpha/sqrt(r)=8)", 2.0, 0.05,
-               use_rslora=True, lr_grid=RSLORA_GRID, default_lr=5e-5),
+        Method(
+            "rslora",
+            "rsLoRA (peft use_rslora; alpha=2r, so scaling alpha/sqrt(r)=8)",
+            2.0,
+            0.05,
+            use_rslora=True,
+            lr_grid=RSLORA_GRID,
+            default_lr=5e-5,
+        ),
     )
 }
 
@@ -105,8 +135,9 @@ def build_trainer(method: Method, model, tokenizer, dataset, args_kwargs: dict, 
 
     common = dict(model=model, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
     if method.trainer == "allora":
-        args = ALLoRAConfig(**args_kwargs, allora_eta=method.eta, allora_coefficient=method.coefficient,
-                            allora_scale=method.scale)
+        args = ALLoRAConfig(
+            **args_kwargs, allora_eta=method.eta, allora_coefficient=method.coefficient, allora_scale=method.scale
+        )
         trainer = ALLoRATrainer(args=args, peft_config=method.lora_config(), **common)
     elif method.loraplus_ratio:
         import torch

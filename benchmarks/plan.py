@@ -68,11 +68,30 @@ class Plan:
 
 PRESETS = {
     # A smoke test of the whole pipeline: 2 methods x 1 LR x 1 seed x 5 steps, 16 questions, one task.
-    "quick": dict(tasks=["arc_easy"], methods=["lora", "allora_eta2_4"], steps=5, batch_size=4, max_length=128,
-                  warmup_steps=0, lr_points=1, select_seed=0, seeds=[1], select_limit=16, report_limit=16,
-                  eval_batch_size=32, optim_study=True, optim_seeds=[1], sgd_lr=0.05, high_lr_factor=4.0,
-                  optim_regimes=["sgd"], cost=True, cost_rounds=2, cost_methods=["allora0", "allora_eta2_4", "dora"],
-                  select_by="loss", loss_limit=32),
+    "quick": dict(
+        tasks=["arc_easy"],
+        methods=["lora", "allora_eta2_4"],
+        steps=5,
+        batch_size=4,
+        max_length=128,
+        warmup_steps=0,
+        lr_points=1,
+        select_seed=0,
+        seeds=[1],
+        select_limit=16,
+        report_limit=16,
+        eval_batch_size=32,
+        optim_study=True,
+        optim_seeds=[1],
+        sgd_lr=0.05,
+        high_lr_factor=4.0,
+        optim_regimes=["sgd"],
+        cost=True,
+        cost_rounds=2,
+        cost_methods=["allora0", "allora_eta2_4", "dora"],
+        select_by="loss",
+        loss_limit=32,
+    ),
     # Sized for about two hours on a 2-core CPU (the estimate is printed first): ~65 runs of 24 steps x 4 examples
     # of at most 64 tokens. The three tasks the issue asks for: arc_easy (has a test split), boolq and piqa
     # (validation halves). What had to give on 2 cores (a first attempt at 128 tokens, batch 8, took 10 s a step,
@@ -83,15 +102,31 @@ PRESETS = {
     # method's whole four-point grid (8x) is searched: with three points, a first full run chose a grid edge for
     # ALLoRA, LoRA+ and rsLoRA. The recorded run (benchmarks/results-full) selected by accuracy and measured no
     # held-out loss; its plan.json says so, and a new full run selects by the held-out loss.
-    "full": dict(tasks=["arc_easy", "boolq", "piqa"], methods=list(METHODS), steps=24, batch_size=4,
-                 max_length=64, warmup_steps=2, lr_points=4, select_seed=0, seeds=[1, 2, 3], select_limit=25,
-                 report_limit=50, eval_batch_size=32, optim_study=True, optim_seeds=[1, 2, 3], sgd_lr=0.05,
-                 high_lr_factor=4.0, optim_regimes=["adamw", "adamw_high", "sgd"],
-                 cost=True, cost_rounds=16,
-                 cost_methods=["allora0", "lora", OPTIM_PAIR[0], "allora_update", "allora_output", "dora"],
-                 lr_shared={m: OPTIM_PAIR[0] for m in ("allora0", "allora_eta2_1", "allora_eta2_2",
-                                                       "allora_output")},
-                 select_by="loss", loss_limit=200),
+    "full": dict(
+        tasks=["arc_easy", "boolq", "piqa"],
+        methods=list(METHODS),
+        steps=24,
+        batch_size=4,
+        max_length=64,
+        warmup_steps=2,
+        lr_points=4,
+        select_seed=0,
+        seeds=[1, 2, 3],
+        select_limit=25,
+        report_limit=50,
+        eval_batch_size=32,
+        optim_study=True,
+        optim_seeds=[1, 2, 3],
+        sgd_lr=0.05,
+        high_lr_factor=4.0,
+        optim_regimes=["adamw", "adamw_high", "sgd"],
+        cost=True,
+        cost_rounds=16,
+        cost_methods=["allora0", "lora", OPTIM_PAIR[0], "allora_update", "allora_output", "dora"],
+        lr_shared={m: OPTIM_PAIR[0] for m in ("allora0", "allora_eta2_1", "allora_eta2_2", "allora_output")},
+        select_by="loss",
+        loss_limit=200,
+    ),
     # Ten times the full mode's optimizer steps (240 x 4 examples), sequences of up to 256 tokens (BoolQ's passages:
     # median 141, 90th percentile 240 tokens), 3 seeds, the four methods that matter most: where ALLoRA's coefficient
     # can leave eta. Sized for 2 cores: no LR grid (the full mode's choices: 2e-4 for LoRA and DoRA at alpha = 2r,
@@ -99,13 +134,32 @@ PRESETS = {
     # tokens to BoolQ's 250), 300 held-out answer-loss examples and 100 accuracy questions per task. Every run is
     # one JSON file under benchmarks/results-long/runs, so the run resumes across sessions; seeds run in order
     # (all four methods of seed 1 first), so a partial run already holds paired comparisons.
-    "long": dict(tasks=["arc_easy", "boolq", "piqa"], methods=["lora", "allora0", OPTIM_PAIR[0], "dora"],
-                 steps=240, batch_size=4, max_length=256, warmup_steps=10, lr_points=1, select_seed=0,
-                 seeds=[1, 2, 3], select_limit=25, report_limit=100, eval_batch_size=16, optim_study=False,
-                 optim_seeds=[], sgd_lr=0.05, high_lr_factor=4.0, optim_regimes=[], cost=False, cost_rounds=8,
-                 cost_methods=["allora0", "lora", OPTIM_PAIR[0], "dora"],
-                 fixed_lrs={"lora": 2e-4, "dora": 2e-4, "allora0": 4e-4, OPTIM_PAIR[0]: 4e-4},
-                 select_by="loss", loss_limit=300, sampling="group_by_length"),
+    "long": dict(
+        tasks=["arc_easy", "boolq", "piqa"],
+        methods=["lora", "allora0", OPTIM_PAIR[0], "dora"],
+        steps=240,
+        batch_size=4,
+        max_length=256,
+        warmup_steps=10,
+        lr_points=1,
+        select_seed=0,
+        seeds=[1, 2, 3],
+        select_limit=25,
+        report_limit=100,
+        eval_batch_size=16,
+        optim_study=False,
+        optim_seeds=[],
+        sgd_lr=0.05,
+        high_lr_factor=4.0,
+        optim_regimes=[],
+        cost=False,
+        cost_rounds=8,
+        cost_methods=["allora0", "lora", OPTIM_PAIR[0], "dora"],
+        fixed_lrs={"lora": 2e-4, "dora": 2e-4, "allora0": 4e-4, OPTIM_PAIR[0]: 4e-4},
+        select_by="loss",
+        loss_limit=300,
+        sampling="group_by_length",
+    ),
 }
 
 RESULTS_FOLDERS = {"full": FULL_RESULTS, "long": LONG_RESULTS}  # other modes: a new temporary folder
@@ -120,7 +174,7 @@ def centred_grid(grid: tuple[float, ...], default: float, points: int) -> list[f
         return list(grid)
     centre = min(range(len(grid)), key=lambda i: abs(grid[i] / default - 1))
     start = max(0, min(len(grid) - points, centre - points // 2))
-    return grid[start:start + points]
+    return grid[start : start + points]
 
 
 def make_plan(mode: str, **overrides) -> Plan:
@@ -144,8 +198,11 @@ def make_plan(mode: str, **overrides) -> Plan:
         fixed = plan.fixed_lrs.get(name)
         plan.lr_grids[name] = [fixed] if fixed else centred_grid(method.lr_grid, method.default_lr, plan.lr_points)
     # a shared LR only applies when its leader runs and leads no one else's; otherwise each method selects its own
-    plan.lr_shared = {m: lead for m, lead in plan.lr_shared.items()
-                      if m in plan.methods and lead in plan.methods and lead not in plan.lr_shared}
+    plan.lr_shared = {
+        m: lead
+        for m, lead in plan.lr_shared.items()
+        if m in plan.methods and lead in plan.methods and lead not in plan.lr_shared
+    }
     for m, lead in plan.lr_shared.items():
         plan.lr_grids[m] = list(plan.lr_grids[lead])
     plan.lr_grids = {m: plan.lr_grids[m] for m in METHODS if m in plan.lr_grids}  # registry order, reproducible
@@ -154,24 +211,51 @@ def make_plan(mode: str, **overrides) -> Plan:
 
 # ----- the runs ----------------------------------------------------------------------------------------------------
 
-def spec_for(plan: Plan, method: str, lr: float, seed: int, split: str, optim: str = "adamw",
-             max_grad_norm: float = 1.0) -> RunSpec:
-    return RunSpec(method=method, lr=float(lr), seed=seed, steps=plan.steps, split=split, tasks=tuple(plan.tasks),
-                   eval_limit=plan.select_limit if split == "select" else plan.report_limit,
-                   batch_size=plan.batch_size, max_length=plan.max_length, optim=optim,
-                   warmup_steps=plan.warmup_steps, max_grad_norm=max_grad_norm, model=plan.model, dtype=plan.dtype,
-                   loss_limit=plan.loss_limit, loss_max_length=plan.loss_max_length, sampling=plan.sampling)
+
+def spec_for(
+    plan: Plan, method: str, lr: float, seed: int, split: str, optim: str = "adamw", max_grad_norm: float = 1.0
+) -> RunSpec:
+    return RunSpec(
+        method=method,
+        lr=float(lr),
+        seed=seed,
+        steps=plan.steps,
+        split=split,
+        tasks=tuple(plan.tasks),
+        eval_limit=plan.select_limit if split == "select" else plan.report_limit,
+        batch_size=plan.batch_size,
+        max_length=plan.max_length,
+        optim=optim,
+        warmup_steps=plan.warmup_steps,
+        max_grad_norm=max_grad_norm,
+        model=plan.model,
+        dtype=plan.dtype,
+        loss_limit=plan.loss_limit,
+        loss_max_length=plan.loss_max_length,
+        sampling=plan.sampling,
+    )
 
 
 def base_spec(plan: Plan) -> BaseEvalSpec:
     """The model before fine-tuning, on the reported questions and the held-out loss set."""
-    return BaseEvalSpec("report", tuple(plan.tasks), plan.report_limit, model=plan.model, dtype=plan.dtype,
-                        loss_limit=plan.loss_limit, loss_max_length=plan.loss_max_length)
+    return BaseEvalSpec(
+        "report",
+        tuple(plan.tasks),
+        plan.report_limit,
+        model=plan.model,
+        dtype=plan.dtype,
+        loss_limit=plan.loss_limit,
+        loss_max_length=plan.loss_max_length,
+    )
 
 
 def selection_specs(plan: Plan) -> list[RunSpec]:
-    return [spec_for(plan, m, lr, plan.select_seed, "select") for m in plan.methods
-            if len(plan.grid(m)) > 1 and plan.lr_leader(m) == m for lr in plan.grid(m)]
+    return [
+        spec_for(plan, m, lr, plan.select_seed, "select")
+        for m in plan.methods
+        if len(plan.grid(m)) > 1 and plan.lr_leader(m) == m
+        for lr in plan.grid(m)
+    ]
 
 
 def selection_score(plan: Plan, result: dict) -> float:

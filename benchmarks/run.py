@@ -39,8 +39,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .methods import METHODS, OPTIM_PAIR
-from .plan import (PRESETS, RESULTS_FOLDERS, Plan, base_spec, choose_lr, make_plan, optim_specs,
-                   planned_specs, report_specs, selection_specs)
+from .plan import (
+    PRESETS,
+    RESULTS_FOLDERS,
+    Plan,
+    base_spec,
+    choose_lr,
+    make_plan,
+    optim_specs,
+    planned_specs,
+    report_specs,
+    selection_specs,
+)
 from .runner import BaseEvalSpec, load_result, resolve_device, run_base_eval, run_one, write_result
 
 logger = logging.getLogger("benchmarks")
@@ -49,12 +59,23 @@ logger = logging.getLogger("benchmarks")
 def plan_from_args(args) -> Plan:
     """The preset of ``--mode`` with the command line's overrides."""
     overrides = {
-        "tasks": _list(args.tasks), "methods": _list(args.methods), "steps": args.steps,
-        "batch_size": args.batch_size, "max_length": args.max_length, "lr_points": args.lr_points,
-        "seeds": _ints(args.seeds), "select_limit": args.select_limit, "report_limit": args.report_limit,
-        "sgd_lr": args.sgd_lr, "cost_rounds": args.cost_rounds, "optim_seeds": _ints(args.optim_seeds),
-        "optim_regimes": _list(args.optim_regimes), "warmup_steps": args.warmup_steps,
-        "loss_limit": args.loss_limit, "select_by": args.select_by, "model": args.model,
+        "tasks": _list(args.tasks),
+        "methods": _list(args.methods),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr_points": args.lr_points,
+        "seeds": _ints(args.seeds),
+        "select_limit": args.select_limit,
+        "report_limit": args.report_limit,
+        "sgd_lr": args.sgd_lr,
+        "cost_rounds": args.cost_rounds,
+        "optim_seeds": _ints(args.optim_seeds),
+        "optim_regimes": _list(args.optim_regimes),
+        "warmup_steps": args.warmup_steps,
+        "loss_limit": args.loss_limit,
+        "select_by": args.select_by,
+        "model": args.model,
     }
     if args.no_optim_study:
         overrides["optim_study"] = False
@@ -80,8 +101,10 @@ def _ints(value):
 
 # ----- the runs ----------------------------------------------------------------------------------------------------
 
-def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int, device: str = "cpu",
-            commit: str | None = None) -> dict:
+
+def execute(
+    spec, out_dir: Path, results: dict, bar, eval_batch_size: int, device: str = "cpu", commit: str | None = None
+) -> dict:
     """Run ``spec`` unless its finished JSON exists; record it in ``results``; advance the progress bar.
 
     A new run's JSON records ``commit``, the checkout it ran from (a long run spans sessions and commits).
@@ -111,8 +134,10 @@ def execute(spec, out_dir: Path, results: dict, bar, eval_batch_size: int, devic
         accs += f"; held-out answer loss {data['answer_loss']['mean']:.4f}"
     if "train" in data:
         loss = data["train"]["loss"]
-        bar.write(f"  done {spec.run_id}: loss {loss[0]:.3f} -> {data['train']['final_loss']:.3f}, acc {accs} "
-                  f"({time.time() - started:.0f} s, {data['train']['step_time_median_s']:.2f} s/step)")
+        bar.write(
+            f"  done {spec.run_id}: loss {loss[0]:.3f} -> {data['train']['final_loss']:.3f}, acc {accs} "
+            f"({time.time() - started:.0f} s, {data['train']['step_time_median_s']:.2f} s/step)"
+        )
     else:
         bar.write(f"  done {spec.run_id}: acc {accs} ({time.time() - started:.0f} s)")
     return data
@@ -122,8 +147,12 @@ def git_commit() -> str | None:
     """The checkout's commit (with ``+dirty`` for uncommitted changes), recorded with a run; None outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "allora_trl"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "benchmarks", "allora_trl"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -151,13 +180,21 @@ def estimate_seconds(plan: Plan, specs, step_s: float = 2.4, question_s: float =
 def run_layer_benchmark(json_path: Path, quick: bool = False) -> bool:
     """``benchmarks/test_layer_speed.py`` under pytest-benchmark, its JSON saved for the report; False if it failed."""
     here = Path(__file__).resolve().parent
-    cmd = [sys.executable, "-m", "pytest", str(here / "test_layer_speed.py"), "--benchmark-only", "-q",
-           "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(here / "test_layer_speed.py"),
+        "--benchmark-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     if quick:
         cmd += ["-k", "ratio or forward_backward"]
     env = dict(os.environ, ALLORA_LAYER_SPEED_JSON=str(Path(json_path).resolve()))
     proc = subprocess.run(cmd, cwd=here.parent, capture_output=True, text=True, env=env)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("ALLoRA / LoRA")), None)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("ALLoRA / LoRA")), None)
     print("  " + (line or f"layer micro-benchmark failed (exit {proc.returncode}): {proc.stdout[-500:]}"))
     return proc.returncode == 0
 
@@ -185,44 +222,71 @@ def pick_threads(value: str, apply: bool = True) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=tuple(PRESETS), default="quick",
-                        help="quick: a few minutes, checks the pipeline; full: the benchmark (about two hours); "
-                        "long: 10x the steps, four methods, resumable across sessions")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--mode",
+        choices=tuple(PRESETS),
+        default="quick",
+        help="quick: a few minutes, checks the pipeline; full: the benchmark (about two hours); "
+        "long: 10x the steps, four methods, resumable across sessions",
+    )
     parser.add_argument("--model", help="a local Hugging Face causal-LM folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: the GPU when there is one)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="weights and autocast (default: bfloat16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--tasks", help="comma-separated: boolq, piqa, socialiqa, hellaswag, winogrande, arc_easy, "
-                        "arc_challenge, openbookqa (full and long default: arc_easy,boolq,piqa)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="weights and autocast (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    parser.add_argument(
+        "--tasks",
+        help="comma-separated: boolq, piqa, socialiqa, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa (full and long default: arc_easy,boolq,piqa)",
+    )
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--out", help="results folder (full: " + RESULTS_FOLDERS["full"] + ", long: "
-                        + RESULTS_FOLDERS["long"] + ", committed with the report; quick: a new temp folder)")
-    parser.add_argument("--docs", help="Markdown report path (full: docs/benchmarks.md; long: OUT/report.md; "
-                        "quick: OUT/benchmarks.md)")
+    parser.add_argument(
+        "--out",
+        help="results folder (full: "
+        + RESULTS_FOLDERS["full"]
+        + ", long: "
+        + RESULTS_FOLDERS["long"]
+        + ", committed with the report; quick: a new temp folder)",
+    )
+    parser.add_argument(
+        "--docs", help="Markdown report path (full: docs/benchmarks.md; long: OUT/report.md; quick: OUT/benchmarks.md)"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step")
     parser.add_argument("--max-length", type=int, help="max tokens per training example (longer ones are skipped)")
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (then constant LR)")
     parser.add_argument("--lr-points", type=int, help="LRs per method grid (1 = each method's default, no selection)")
-    parser.add_argument("--select-by", choices=("loss", "acc"),
-                        help="what chooses the LR on the selection split (default: loss)")
+    parser.add_argument(
+        "--select-by", choices=("loss", "acc"), help="what chooses the LR on the selection split (default: loss)"
+    )
     parser.add_argument("--seeds", help="comma-separated seeds of the reported runs (full default: 1,2,3)")
     parser.add_argument("--select-limit", type=int, help="selection questions per task")
     parser.add_argument("--report-limit", type=int, help="reported questions per task")
     parser.add_argument("--loss-limit", type=int, help="held-out answer-loss examples per task (0: not measured)")
     parser.add_argument("--optim-seeds", help="comma-separated seeds of the optimizer study")
-    parser.add_argument("--optim-regimes", help="comma-separated subset of adamw, adamw_high, sgd, sgd_high, "
-                        "sgd_matched, sgd_clip (see benchmarks/plan.py, OPTIM_REGIMES)")
+    parser.add_argument(
+        "--optim-regimes",
+        help="comma-separated subset of adamw, adamw_high, sgd, sgd_high, "
+        "sgd_matched, sgd_clip (see benchmarks/plan.py, OPTIM_REGIMES)",
+    )
     parser.add_argument("--sgd-lr", type=float, help="SGD (momentum 0.9) learning rate of the 'sgd' regime")
     parser.add_argument("--no-optim-study", action="store_true", help="skip the optimizer study")
     parser.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     parser.add_argument("--cost-rounds", type=int, help="interleaved rounds of the cost measurement")
-    parser.add_argument("--threads", default="auto",
-                        help="torch threads: a number, or 'auto' (default): one thread per core on an idle machine, "
-                        "1 when the 1-minute load average is already >= 1 (on a shared CPU, threads that wait on a "
-                        "busy core made steps 3-6x slower than one thread in our measurements)")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="torch threads: a number, or 'auto' (default): one thread per core on an idle machine, "
+        "1 when the 1-minute load average is already >= 1 (on a shared CPU, threads that wait on a "
+        "busy core made steps 3-6x slower than one thread in our measurements)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate, run nothing")
     return parser
 
@@ -235,8 +299,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "datasets", "lm-eval", "lm_eval", "filelock", "transformers", "peft", "trl",
-                  "accelerate"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "datasets",
+        "lm-eval",
+        "lm_eval",
+        "filelock",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
 
@@ -258,8 +332,9 @@ def main(argv=None) -> int:
     if args.docs:
         docs = Path(args.docs)
     else:
-        docs = {"full": Path("docs/benchmarks.md"), "long": out_dir / "report.md"}.get(plan.mode,
-                                                                                     out_dir / "benchmarks.md")
+        docs = {"full": Path("docs/benchmarks.md"), "long": out_dir / "report.md"}.get(
+            plan.mode, out_dir / "benchmarks.md"
+        )
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
 
     specs = planned_specs(plan)
@@ -267,14 +342,23 @@ def main(argv=None) -> int:
     n_report = len(plan.methods) * len(plan.seeds)
     n_optim = len(specs) - 1 - n_select - n_report
     estimate = estimate_seconds(plan, specs)
-    print(f"Plan ({plan.mode}): {len(plan.methods)} methods on {', '.join(plan.tasks)}; {n_select} selection runs, "
-          f"{n_report} reported runs, about {n_optim} more for the optimizer study "
-          f"({', '.join(plan.optim_regimes) if plan.optim_study else 'off'}); "
-          f"{plan.steps} steps x batch {plan.batch_size}; cost measurement: {'on' if plan.cost else 'off'}.")
-    print("LR grids: " + "; ".join(f"{m} {plan.grid(m)}" if plan.lr_leader(m) == m else f"{m} as {plan.lr_leader(m)}"
-                                   for m in plan.methods) + f" (chosen by {plan.select_by})")
-    print(f"Model: {plan.model or 'SmolLM2-135M-Instruct'}, {plan.dtype} on {plan.device}; torch threads: {threads} "
-          f"({args.threads})")
+    print(
+        f"Plan ({plan.mode}): {len(plan.methods)} methods on {', '.join(plan.tasks)}; {n_select} selection runs, "
+        f"{n_report} reported runs, about {n_optim} more for the optimizer study "
+        f"({', '.join(plan.optim_regimes) if plan.optim_study else 'off'}); "
+        f"{plan.steps} steps x batch {plan.batch_size}; cost measurement: {'on' if plan.cost else 'off'}."
+    )
+    print(
+        "LR grids: "
+        + "; ".join(
+            f"{m} {plan.grid(m)}" if plan.lr_leader(m) == m else f"{m} as {plan.lr_leader(m)}" for m in plan.methods
+        )
+        + f" (chosen by {plan.select_by})"
+    )
+    print(
+        f"Model: {plan.model or 'SmolLM2-135M-Instruct'}, {plan.dtype} on {plan.device}; torch threads: {threads} "
+        f"({args.threads})"
+    )
     print(f"Estimated time on a 2-core CPU: {estimate / 60:.0f} min. Results: {out_dir}  Report: {docs}")
     if args.dry_run:
         return 0
@@ -286,8 +370,9 @@ def main(argv=None) -> int:
     started = time.time()
     results: dict[str, dict] = {}
     commit = git_commit()
-    run = dict(out_dir=out_dir, results=results, eval_batch_size=plan.eval_batch_size, device=plan.device,
-               commit=commit)
+    run = dict(
+        out_dir=out_dir, results=results, eval_batch_size=plan.eval_batch_size, device=plan.device, commit=commit
+    )
     with tqdm(total=len(specs), desc="benchmark runs", unit="run", dynamic_ncols=True, file=sys.stdout) as bar:
         bar.write("[base] the model before fine-tuning")
         execute(base_spec(plan), bar=bar, **run)
@@ -311,17 +396,32 @@ def main(argv=None) -> int:
         from .cost import measure_cost
 
         cost_path = out_dir / "cost.json"
-        cost_key = {"tasks": plan.tasks, "batch_size": plan.batch_size, "max_length": plan.max_length,
-                    "rounds": plan.cost_rounds, "methods": plan.cost_methods, "model": plan.model,
-                    "dtype": plan.dtype, "device": plan.device}
+        cost_key = {
+            "tasks": plan.tasks,
+            "batch_size": plan.batch_size,
+            "max_length": plan.max_length,
+            "rounds": plan.cost_rounds,
+            "methods": plan.cost_methods,
+            "model": plan.model,
+            "dtype": plan.dtype,
+            "device": plan.device,
+        }
         if cost_path.is_file() and json.loads(cost_path.read_text()).get("key") == cost_key:
             cost = json.loads(cost_path.read_text())
             print("[cost] finished earlier: reusing cost.json")
         else:
             print(f"[cost] {plan.cost_rounds} interleaved rounds of {', '.join(plan.cost_methods)}")
-            cost = measure_cost(tuple(plan.tasks), plan.batch_size, plan.max_length, plan.cost_rounds,
-                                names=tuple(plan.cost_methods), profile_ops=plan.mode == "full", model=plan.model,
-                                dtype=plan.dtype, device=plan.device)
+            cost = measure_cost(
+                tuple(plan.tasks),
+                plan.batch_size,
+                plan.max_length,
+                plan.cost_rounds,
+                names=tuple(plan.cost_methods),
+                profile_ops=plan.mode == "full",
+                model=plan.model,
+                dtype=plan.dtype,
+                device=plan.device,
+            )
             cost["key"] = cost_key
             cost_path.write_text(json.dumps(cost, indent=1))
         layer_json = out_dir / "layer_speed.json"

@@ -91,8 +91,13 @@ def versions() -> dict[str, str]:
     import transformers
     import trl
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "trl": trl.__version__, "peft": peft.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
     try:
         import lm_eval
 
@@ -164,8 +169,14 @@ def _norm_recorder():
                         total += float(norms.sum()) * float(layer.scaling[name])
                         largest = max(largest, float(norms.max()))
                         count += norms.numel()
-            self.rows.append({"step": step, "delta_row_norm_mean": total / max(count, 1),
-                              "ba_row_norm_mean": raw / max(count, 1), "ba_row_norm_max": largest})
+            self.rows.append(
+                {
+                    "step": step,
+                    "delta_row_norm_mean": total / max(count, 1),
+                    "ba_row_norm_mean": raw / max(count, 1),
+                    "ba_row_norm_max": largest,
+                }
+            )
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self._record(0, model)
@@ -226,16 +237,22 @@ def _evaluate_all(model, tokenizer, spec, eval_batch_size: int) -> dict:
     results = evaluate(model, tokenizer, spec.tasks, spec.split, spec.eval_limit, eval_batch_size)
     data = {"eval": results, "avg_acc": statistics.fmean(r["acc"] for r in results.values())}
     if spec.loss_limit:
-        data["answer_loss"] = answer_loss(model, tokenizer, spec.tasks, spec.split, spec.loss_limit,
-                                          max_length=spec.loss_max_length)
+        data["answer_loss"] = answer_loss(
+            model, tokenizer, spec.tasks, spec.split, spec.loss_limit, max_length=spec.loss_max_length
+        )
     return data
 
 
 def run_base_eval(spec: BaseEvalSpec, eval_batch_size: int, device: str = "cpu") -> dict:
     started = time.time()
     model, tokenizer, _ = load_model(spec.model, spec.dtype, device)
-    data = {"spec": spec.to_json(), "run_id": spec.run_id, **_evaluate_all(model, tokenizer, spec, eval_batch_size),
-            "wall_s": time.time() - started, "versions": versions()}
+    data = {
+        "spec": spec.to_json(),
+        "run_id": spec.run_id,
+        **_evaluate_all(model, tokenizer, spec, eval_batch_size),
+        "wall_s": time.time() - started,
+        "versions": versions(),
+    }
     if device != "cpu":
         data["device"] = device
     return data
@@ -297,7 +314,7 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32, device: str = "cpu") -> di
     step_times = [r["step_s"] for r in recorder.rows[1:] if "step_s" in r]
     diverged = not all(math.isfinite(x) for x in losses)
     evaluated = _evaluate_all(trainer.model, tokenizer, spec, eval_batch_size)
-    tail = [x for x in losses[-max(1, len(losses) // 5):] if math.isfinite(x)]
+    tail = [x for x in losses[-max(1, len(losses) // 5) :] if math.isfinite(x)]
     data = {
         "run_id": spec.run_id,
         "spec": spec.to_json(),
@@ -308,8 +325,9 @@ def run_one(spec: RunSpec, eval_batch_size: int = 32, device: str = "cpu") -> di
             "final_loss": statistics.fmean(tail) if tail else float("nan"),
             "grad_norm": grad_norms,
             # steps whose gradient norm exceeds the clipping norm (1.0 for unclipped runs: "would have been")
-            "clipped_fraction": (sum(g > (spec.max_grad_norm or 1.0) for g in grad_norms) / len(grad_norms)
-                                 if grad_norms else 0.0),
+            "clipped_fraction": (
+                sum(g > (spec.max_grad_norm or 1.0) for g in grad_norms) / len(grad_norms) if grad_norms else 0.0
+            ),
             "coefficient": coefficient,
             "row_norms": recorder.rows,
             "step_time_median_s": statistics.median(step_times) if step_times else float("nan"),

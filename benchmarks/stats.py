@@ -18,9 +18,33 @@ import random
 import statistics
 
 # Two-sided 95% Student-t quantiles t_{0.975, df}, used when scipy is not installed.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+    40: 2.021,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
@@ -44,12 +68,24 @@ def mean_ci(values, level: float = 0.95) -> dict:
     values = [float(v) for v in values if v is not None and math.isfinite(v)]
     n = len(values)
     if n == 0:
-        return {"mean": float("nan"), "half": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0,
-                "sd": float("nan")}
+        return {
+            "mean": float("nan"),
+            "half": float("nan"),
+            "low": float("nan"),
+            "high": float("nan"),
+            "n": 0,
+            "sd": float("nan"),
+        }
     mean = statistics.fmean(values)
     if n < 2:
-        return {"mean": mean, "half": float("nan"), "low": float("nan"), "high": float("nan"), "n": 1,
-                "sd": float("nan")}
+        return {
+            "mean": mean,
+            "half": float("nan"),
+            "low": float("nan"),
+            "high": float("nan"),
+            "n": 1,
+            "sd": float("nan"),
+        }
     sd = statistics.stdev(values)
     half = t_quantile(n - 1, level) * sd / math.sqrt(n)
     return {"mean": mean, "half": half, "low": mean - half, "high": mean + half, "n": n, "sd": sd}
@@ -63,32 +99,50 @@ def paired_diff_ci(a: dict, b: dict, level: float = 0.95) -> dict:
     return out
 
 
-def question_bootstrap_diff(per_task: list[tuple[list[list[int]], list[list[int]]]], n_boot: int = 2000,
-                            level: float = 0.95, seed: int = 0) -> dict:
-    """Paired bootstrap over questions of the macro-averaged ``acc(a) - acc(b)``.
+def example_bootstrap_mean(per_task, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Bootstrap over questions / examples of a macro-averaged mean: ``{"mean", "low", "high"}``.
 
-    ``per_task`` holds, for each task, ``(correct_a, correct_b)``: lists of 0/1 vectors, one per seed, over the same
-    ordered questions. Each question's difference is averaged over seeds; questions are then resampled with
-    replacement within each task and the task means averaged.
+    ``per_task`` holds, for each task, a list of vectors (one per seed) over the same ordered examples. Each
+    example's value is averaged over seeds; examples are then resampled with replacement within each task and the
+    task means averaged, so the interval is the noise of "which examples were drawn", not of training.
     """
-    diffs = []
-    for correct_a, correct_b in per_task:
-        if not correct_a or not correct_b:
+    values = []
+    for vectors in per_task:
+        vectors = list(vectors)
+        if not vectors:
             return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
-        n = len(correct_a[0])
-        if any(len(v) != n for v in correct_a + correct_b):
-            raise ValueError("question bootstrap: runs were scored on different questions")
-        diffs.append([statistics.fmean(v[i] for v in correct_a) - statistics.fmean(v[i] for v in correct_b)
-                      for i in range(n)])
-    if not diffs:
+        n = len(vectors[0])
+        if any(len(v) != n for v in vectors):
+            raise ValueError("bootstrap: runs were scored on different questions")
+        values.append([statistics.fmean(v[i] for v in vectors) for i in range(n)])
+    if not values:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
     rng = random.Random(seed)
-    boots = sorted(
-        statistics.fmean(statistics.fmean(rng.choices(d, k=len(d))) for d in diffs) for _ in range(n_boot)
-    )
+    boots = sorted(statistics.fmean(statistics.fmean(rng.choices(d, k=len(d))) for d in values) for _ in range(n_boot))
     lo = boots[int((1 - level) / 2 * n_boot)]
     hi = boots[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return {"mean": statistics.fmean(statistics.fmean(d) for d in diffs), "low": lo, "high": hi}
+    return {"mean": statistics.fmean(statistics.fmean(d) for d in values), "low": lo, "high": hi}
+
+
+def question_bootstrap_diff(
+    per_task: list[tuple[list[list[float]], list[list[float]]]], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict:
+    """Paired bootstrap over questions of the macro-averaged ``a - b`` (accuracy 0/1 or per-example losses).
+
+    ``per_task`` holds, for each task, ``(values_a, values_b)``: lists of vectors, one per seed, over the same
+    ordered questions. Each question's difference of seed means is resampled (:func:`example_bootstrap_mean`).
+    """
+    diffs = []
+    for values_a, values_b in per_task:
+        if not values_a or not values_b:
+            return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
+        n = len(values_a[0])
+        if any(len(v) != n for v in values_a + values_b):
+            raise ValueError("question bootstrap: runs were scored on different questions")
+        diffs.append(
+            [[statistics.fmean(v[i] for v in values_a) - statistics.fmean(v[i] for v in values_b) for i in range(n)]]
+        )
+    return example_bootstrap_mean(diffs, n_boot, level, seed)
 
 
 def inside_noise(*intervals: dict) -> bool:

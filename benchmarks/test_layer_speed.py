@@ -79,8 +79,12 @@ def _save(benchmark, name: str, group: str, extra: dict | None = None) -> None:
         return
     data = json.loads(Path(path).read_text()) if Path(path).is_file() else {"benchmarks": []}
     stats = benchmark.stats.stats if benchmark.stats is not None else None
-    entry = {"name": name, "group": group, "extra_info": extra or {},
-             "stats": {"median": stats.median, "iqr": stats.iqr, "rounds": stats.rounds} if stats else {}}
+    entry = {
+        "name": name,
+        "group": group,
+        "extra_info": extra or {},
+        "stats": {"median": stats.median, "iqr": stats.iqr, "rounds": stats.rounds} if stats else {},
+    }
     data["benchmarks"] = [b for b in data["benchmarks"] if b["name"] != name] + [entry]
     Path(path).write_text(json.dumps(data, indent=1))
 
