@@ -89,6 +89,11 @@ def render(
         "Does ALLoRA beat LoRA, DoRA and LoRA+ at equal budget, and what does it cost? Real model, real data, every "
         "method at the same rank, targets, steps, batch and sequence length, each with its own tuned learning rate.",
         "",
+        "The benchmarks run from a source checkout only (`python -m benchmarks.run --mode quick|full|long`; "
+        "`--model`, `--device` and `--dtype` take any local causal LM, a GPU and bfloat16): they write their results "
+        "into the repository (`benchmarks/results-*`, this file) and are a study of it, not part of the installed "
+        "library, so `pip install allora-trl` does not ship them.",
+        "",
         "## How this was produced",
         "",
         f"```\n{command}\n```",
@@ -101,6 +106,10 @@ def render(
         f"Load average at report time: {', '.join(f'{x:.1f}' for x in info.get('load_average', ()))}.",
         "* Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         f"* Commit: {commit or 'not recorded'}." if commit or plan.mode == "long" else None,
+        None
+        if plan.loss_limit
+        else "* Learning rates were chosen by accuracy on the selection questions; no held-out loss was measured "
+        "(the runs predate it).",
         (
             "* Model: SmolLM2-135M-Instruct (`allora_trl.job.assets.smollm2_path()`)"
             if plan.model is None

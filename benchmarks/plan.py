@@ -70,7 +70,7 @@ PRESETS = {
     # A smoke test of the whole pipeline: 2 methods x 1 LR x 1 seed x 5 steps, 16 questions, one task.
     "quick": dict(
         tasks=["arc_easy"],
-        methods=["lora", "allora_eta2_4"],
+        methods=["lora", OPTIM_PAIR[0]],
         steps=5,
         batch_size=4,
         max_length=128,
@@ -88,7 +88,7 @@ PRESETS = {
         optim_regimes=["sgd"],
         cost=True,
         cost_rounds=2,
-        cost_methods=["allora0", "allora_eta2_4", "dora"],
+        cost_methods=[OPTIM_PAIR[1], OPTIM_PAIR[0], "dora"],
         select_by="loss",
         loss_limit=32,
     ),
@@ -122,8 +122,8 @@ PRESETS = {
         optim_regimes=["adamw", "adamw_high", "sgd"],
         cost=True,
         cost_rounds=16,
-        cost_methods=["allora0", "lora", OPTIM_PAIR[0], "allora_update", "allora_output", "dora"],
-        lr_shared={m: OPTIM_PAIR[0] for m in ("allora0", "allora_eta2_1", "allora_eta2_2", "allora_output")},
+        cost_methods=[OPTIM_PAIR[1], "lora", OPTIM_PAIR[0], "allora_update", "allora_output", "dora"],
+        lr_shared={m: OPTIM_PAIR[0] for m in (OPTIM_PAIR[1], "allora_eta2_1", "allora_eta2_2", "allora_output")},
         select_by="loss",
         loss_limit=200,
     ),
@@ -136,7 +136,7 @@ PRESETS = {
     # (all four methods of seed 1 first), so a partial run already holds paired comparisons.
     "long": dict(
         tasks=["arc_easy", "boolq", "piqa"],
-        methods=["lora", "allora0", OPTIM_PAIR[0], "dora"],
+        methods=["lora", OPTIM_PAIR[1], OPTIM_PAIR[0], "dora"],
         steps=240,
         batch_size=4,
         max_length=256,
@@ -154,8 +154,8 @@ PRESETS = {
         optim_regimes=[],
         cost=False,
         cost_rounds=8,
-        cost_methods=["allora0", "lora", OPTIM_PAIR[0], "dora"],
-        fixed_lrs={"lora": 2e-4, "dora": 2e-4, "allora0": 4e-4, OPTIM_PAIR[0]: 4e-4},
+        cost_methods=[OPTIM_PAIR[1], "lora", OPTIM_PAIR[0], "dora"],
+        fixed_lrs={"lora": 2e-4, "dora": 2e-4, OPTIM_PAIR[1]: 4e-4, OPTIM_PAIR[0]: 4e-4},
         select_by="loss",
         loss_limit=300,
         sampling="group_by_length",
