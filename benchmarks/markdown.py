@@ -230,7 +230,7 @@ def render(
                 f"{r['step_s']:.2f} |"
             )
         lines += ["", f"![accuracy]({_rel(plots['accuracy'], docs_dir)})", ""]
-        lines += _loss_section(plan, analysis)
+        lines += _loss_section(plan, analysis, plots, docs_dir)
 
     headline = []
     if analysis["comparisons"]:
@@ -535,7 +535,7 @@ def _update_section(analysis) -> list[str]:
     return lines
 
 
-def _loss_section(plan, analysis) -> list[str]:
+def _loss_section(plan, analysis, plots, docs_dir) -> list[str]:
     """The held-out answer loss of every reported method: per task and averaged, two intervals."""
     main = {m: v for m, v in analysis["main"].items() if "loss" in v}
     if not main:
@@ -572,7 +572,7 @@ def _loss_section(plan, analysis) -> list[str]:
             + ", ".join(str(s) for s in sorted(loss["by_seed"]))
             + " |"
         )
-    return lines + [""]
+    return lines + ["", f"![held-out answer loss]({_rel(plots['answer_loss'], docs_dir)})", ""]
 
 
 def _loss_comparisons(analysis) -> list[str]:

@@ -30,6 +30,38 @@ def _smooth(ys, window=5):
     return out
 
 
+def _method_panels(plan, methods, stats_of, base_of, ylabel, path: Path, bounds=(None, None)) -> str:
+    """One panel per task and one for the average: each method's mean with its seed interval; the base model dotted."""
+    panels = ["average", *plan.tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        stats = [stats_of(m, panel) for m in methods]
+        means = [s["mean"] for s in stats]
+        errs = [s["half"] if math.isfinite(s["half"]) else 0 for s in stats]
+        for i, (m, mean, err) in enumerate(zip(methods, means, errs)):
+            color = "tab:orange" if m.startswith("allora") and m != OPTIM_PAIR[1] else "tab:blue"
+            ax.errorbar([i], [mean], yerr=[err], fmt="o", color=color, capsize=4)
+        if base_of:
+            ax.axhline(base_of(panel), color="gray", linestyle=":", label="before fine-tuning")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=8)
+        lo = min(m - e for m, e in zip(means, errs)) if means else 0
+        hi = max(m + e for m, e in zip(means, errs)) if means else 1
+        pad = max(0.02, (hi - lo) * 0.3)
+        low, high = lo - pad, hi + pad
+        ax.set_ylim(
+            low if bounds[0] is None else max(bounds[0], low), high if bounds[1] is None else min(bounds[1], high)
+        )
+        ax.set_title(panel, fontsize=10)
+    axes[0][0].set_ylabel(ylabel)
+    if base_of:
+        axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def make_plots(plan, runs, analysis, cost, plot_dir: Path) -> dict[str, str]:
     """The report's PNGs in ``plot_dir``; returns their paths by name (accuracy, loss, row_norm, coefficient,
     lr_selection when a grid was searched, cost when it was measured)."""
@@ -38,36 +70,30 @@ def make_plots(plan, runs, analysis, cost, plot_dir: Path) -> dict[str, str]:
     main = analysis["main"]
     methods = [m for m in plan.methods if m in main]
 
-    # 1. accuracy with 95% CI (seeds)
-    panels = ["average", *plan.tasks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        stats = [main[m]["avg"] if panel == "average" else main[m]["tasks"][panel] for m in methods]
-        means = [s["mean"] for s in stats]
-        errs = [s["half"] if math.isfinite(s["half"]) else 0 for s in stats]
-        for i, (m, mean, err) in enumerate(zip(methods, means, errs)):
-            color = "tab:orange" if m.startswith("allora") and m != OPTIM_PAIR[1] else "tab:blue"
-            ax.errorbar([i], [mean], yerr=[err], fmt="o", color=color, capsize=4)
-        if analysis["base"]:
-            ax.axhline(
-                analysis["base"]["avg"] if panel == "average" else analysis["base"]["tasks"][panel],
-                color="gray",
-                linestyle=":",
-                label="before fine-tuning",
-            )
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=8)
-        lo = min(m - e for m, e in zip(means, errs)) if means else 0
-        hi = max(m + e for m, e in zip(means, errs)) if means else 1
-        pad = max(0.02, (hi - lo) * 0.3)
-        ax.set_ylim(max(0, lo - pad), min(1, hi + pad))
-        ax.set_title(panel, fontsize=10)
-    axes[0][0].set_ylabel(f"accuracy (mean of {len(plan.seeds)} seeds, 95% t-CI)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    paths["accuracy"] = str(plot_dir / "accuracy.png")
-    fig.savefig(paths["accuracy"], dpi=110)
-    plt.close(fig)
+    # 1. accuracy with 95% CI (seeds); 1b. the held-out answer loss the same way
+    base = analysis["base"] or {}
+    paths["accuracy"] = _method_panels(
+        plan,
+        methods,
+        lambda m, panel: main[m]["avg"] if panel == "average" else main[m]["tasks"][panel],
+        (lambda panel: base["avg"] if panel == "average" else base["tasks"][panel]) if base else None,
+        f"accuracy (mean of {len(plan.seeds)} seeds, 95% t-CI)",
+        plot_dir / "accuracy.png",
+        bounds=(0, 1),
+    )
+    with_loss = [m for m in methods if "loss" in main[m]]
+    if with_loss:
+        base_loss = base.get("loss")
+        paths["answer_loss"] = _method_panels(
+            plan,
+            with_loss,
+            lambda m, panel: main[m]["loss"]["avg"] if panel == "average" else main[m]["loss"]["tasks"][panel],
+            (lambda panel: base_loss["avg"] if panel == "average" else base_loss["tasks"][panel])
+            if base_loss
+            else None,
+            "held-out answer loss (nats, 95% t-CI)",
+            plot_dir / "answer_loss.png",
+        )
 
     def report_runs(method, lr):
         return analysis_report_runs(plan, runs, method, lr)

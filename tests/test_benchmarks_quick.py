@@ -210,7 +210,7 @@ def test_quick_mode_end_to_end(tmp_path, tiny_model_dir):
     assert "### The coefficient and the row norms of BA over training" in text
     assert "Cost: step time and memory" in text and "`allora_eta2_4`: ALLoRA" in text
     assert "AdamW vs SGD" in text
-    for png in ("accuracy", "loss", "row_norm", "coefficient", "cost"):
+    for png in ("accuracy", "answer_loss", "loss", "row_norm", "coefficient", "cost"):
         path = out / "plots" / f"{png}.png"
         assert path.is_file() and path.stat().st_size > 1000
         assert f"({os.path.relpath(path, docs.parent)})" in text
