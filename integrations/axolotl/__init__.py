@@ -2,17 +2,18 @@
 ``adapter: allora`` (see README.md in this folder).
 
 ``ALLoRAPlugin`` is imported lazily, on first access: the plugin module imports Axolotl, while ``args.ALLoRAArgs``
-(the config model) must stay importable, and testable, without it.
+(the config model) must stay importable, and testable, without it. Statistics and checkpoint records come from the
+shared ``allora_trl.core.callback.ALLoRACallback``, as for the TRL trainers.
 """
 
 from .args import ALLoRAArgs
 
-__all__ = ["ALLoRAArgs", "ALLoRACallback", "ALLoRAPlugin"]
+__all__ = ["ALLoRAArgs", "ALLoRAPlugin"]
 
 
 def __getattr__(name):
-    if name in ("ALLoRAPlugin", "ALLoRACallback"):
+    if name == "ALLoRAPlugin":
         from . import plugin
 
-        return getattr(plugin, name)
+        return plugin.ALLoRAPlugin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,8 +4,9 @@ Axolotl merges this model into its own config model (``AxolotlInputConfig``) whe
 ``plugins:``. It imports nothing from Axolotl, so it can be validated and tested without an Axolotl install.
 
 With ``adapter: allora`` the validator below fills the LoRA settings ALLoRA fixes (``lora_alpha = lora_r``,
-``lora_dropout = 0``) and rejects settings that would silently change the ALLoRA rule, each with a message that
-names the field and the fix. With any other adapter it changes nothing.
+``lora_dropout = 0``), routes ``load_in_4bit`` / ``load_in_8bit`` to a bitsandbytes config that Axolotl's loader
+applies to any adapter name, and rejects settings that would silently change the ALLoRA rule or that are not
+supported with it, each with a message that names the field and the fix. With any other adapter it changes nothing.
 """
 
 from __future__ import annotations
@@ -30,12 +31,123 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False
 
 
+# `rl:` modes trained with adapter: allora. dpo and kto are trained end to end in tests/axolotl; ipo is dpo's trainer
+# with another loss. Each refused mode maps to why, for the validation message.
+SUPPORTED_RL = ("dpo", "ipo", "kto")
+_REFUSED_RL = {
+    "grpo": "Axolotl's GRPO trainers generate completions during training (usually through vLLM on a GPU), a path "
+    "not verified with ALLoRA",
+    "gdpo": "it runs Axolotl's GRPO trainer, which generates completions during training (usually through vLLM on a "
+    "GPU), a path not verified with ALLoRA",
+    "ebft": "Axolotl's EBFT trainer generates completions during training, a path not verified with ALLoRA",
+    "orpo": "TRL's ORPO trainer keeps its own metric store (`store_metrics` with plain floats), which ALLoRA's "
+    "statistics callback does not feed yet",
+    "simpo": "it runs TRL's CPO trainer, whose metric store (`store_metrics` with plain floats) ALLoRA's statistics "
+    "callback does not feed yet",
+}
+
+
+def _compute_dtype_name(data: dict) -> str:
+    """The dtype Axolotl will load the model in, as ``axolotl.utils.config.resolve_dtype`` decides it after validation.
+
+    The 4-bit layers compute in this dtype (as Axolotl's own ``adapter: qlora`` does), so inputs are not cast up or
+    down at every quantised layer. ``bf16: auto`` means bf16 where the GPU supports it, else fp16 (Axolotl's rule).
+    """
+    bf16, fp16 = data.get("bf16"), data.get("fp16")
+    if bf16 == "auto" and not fp16:
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if is_torch_bf16_gpu_available():
+            bf16 = True
+        else:
+            bf16 = False
+            fp16 = True if fp16 is None and not data.get("float16") else fp16
+    if bf16 is True or data.get("bfloat16"):
+        return "bfloat16"
+    if data.get("load_in_8bit") or fp16 is True or data.get("float16"):
+        return "float16"
+    return "float32"
+
+
+def _fill_quantization(data: dict) -> list[str]:
+    """With ``load_in_4bit`` / ``load_in_8bit``, put the bitsandbytes settings where Axolotl's loader reads them.
+
+    Axolotl 0.19 builds a ``BitsAndBytesConfig`` only for its own ``qlora`` (4-bit) and ``lora`` (8-bit) adapter
+    names (``ModelLoader._set_quantization_config``), but every adapter's ``from_pretrained`` receives the config's
+    ``model_kwargs`` (``overrides_of_model_kwargs``). Filling ``model_kwargs.quantization_config`` with the settings
+    Axolotl uses for ``qlora`` (nf4, double quantisation, the run's compute dtype, then ``bnb_config_kwargs``) or for
+    8-bit ``lora`` makes ``adapter: allora`` load the same quantised base; the plugin's ``post_model_build`` then runs
+    ``prepare_model_for_kbit_training`` as Axolotl does for its own names. Returns the problems found.
+    """
+    four, eight = _is_set(data.get("load_in_4bit")), _is_set(data.get("load_in_8bit"))
+    problems = []
+    if _is_set(data.get("gptq")):
+        problems.append(
+            "`gptq` is not supported with adapter: allora (ALLoRA is implemented for peft's plain and bitsandbytes LoRA "
+            "layers, not its GPTQ ones). "
+            "Remove `gptq` and train on a 16/32-bit or bitsandbytes (`load_in_4bit: true`) base, or use "
+            "`adapter: lora` with `gptq: true` for plain LoRA."
+        )
+    if not (four or eight):
+        return problems
+    if four and eight:
+        problems.append("`load_in_4bit` and `load_in_8bit` are both true: set only one of them.")
+        return problems
+    if data.get("fsdp") or data.get("fsdp_config"):
+        problems.append(
+            f"`load_in_{4 if four else 8}bit` with FSDP is not supported with adapter: allora (Axolotl's quantised "
+            "FSDP loading is reserved for `adapter: qlora`). Remove `fsdp` / `fsdp_config` (single GPU, DDP or "
+            "DeepSpeed ZeRO-1/2), or train a 16/32-bit base under FSDP2."
+        )
+        return problems
+    if four:
+        quantization = {
+            "load_in_4bit": True,
+            "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False,
+            "bnb_4bit_compute_dtype": _compute_dtype_name(data),
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_quant_storage": "bfloat16",
+            **dict(data.get("bnb_config_kwargs") or {}),
+        }
+    else:
+        quantization = {"load_in_8bit": True}
+    key = "overrides_of_model_kwargs" if "overrides_of_model_kwargs" in data else "model_kwargs"
+    model_kwargs = dict(data.get(key) or {})
+    existing = model_kwargs.get("quantization_config")
+    if existing is not None and dict(existing) != quantization:  # equal: a config validated a second time
+        problems.append(
+            f"`{key}.quantization_config` cannot be combined with `load_in_{4 if four else 8}bit` with adapter: allora "
+            "(the plugin fills it from `load_in_4bit` / `load_in_8bit` and `bnb_config_kwargs`). Remove "
+            f"`{key}.quantization_config` (put extra bitsandbytes settings in `bnb_config_kwargs`)."
+        )
+        return problems
+    model_kwargs["quantization_config"] = quantization
+    data[key] = model_kwargs
+    return problems
+
+
+def _check_rl(data: dict) -> list[str]:
+    rl = data.get("rl")
+    rl = getattr(rl, "value", rl)  # an RLType enum when the config was validated before
+    if not rl or rl in SUPPORTED_RL:
+        return []
+    reason = _REFUSED_RL.get(str(rl), "it is not verified with ALLoRA")
+    return [
+        f"`rl: {rl}` is not supported with adapter: allora ({reason}). Use `rl: dpo` (or ipo / kto) with "
+        f"adapter: allora, or `adapter: lora` for `rl: {rl}`."
+    ]
+
+
 def check_allora_config(data: dict) -> dict:
     """Return a copy of a raw Axolotl config with ALLoRA's LoRA settings filled, or raise listing every problem.
 
     Only acts when ``adapter == "allora"``. Fills an unset ``lora_alpha`` with ``lora_r``, an unset
-    ``lora_alpha_pattern`` with ``lora_rank_pattern``, an unset ``lora_dropout`` with 0, and unset fused-kernel
-    switches with false.
+    ``lora_alpha_pattern`` with ``lora_rank_pattern``, an unset ``lora_dropout`` with 0, unset fused-kernel
+    switches with false and, with ``load_in_4bit`` / ``load_in_8bit``, ``model_kwargs.quantization_config`` (see
+    :func:`_fill_quantization`). Refuses the ``rl`` modes not in :data:`SUPPORTED_RL`, naming why and what to use.
+    Idempotent: a config it filled passes again unchanged.
     """
     if not isinstance(data, dict) or data.get("adapter") != ADAPTER_NAME:
         return data
@@ -89,14 +201,8 @@ def check_allora_config(data: dict) -> dict:
             "`peft_use_rslora` cannot be combined with adapter: allora (rsLoRA's lora_alpha/sqrt(lora_r) scaling "
             "would replace ALLoRA's fixed scaling of 1). Remove `peft_use_rslora`."
         )
-    for key in ("load_in_4bit", "load_in_8bit", "gptq"):
-        if _is_set(data.get(key)):
-            problems.append(
-                f"`{key}` is not supported with adapter: allora: Axolotl 0.19 builds the quantised (bitsandbytes / "
-                "GPTQ) model and prepares it for k-bit training only for its built-in `lora` / `qlora` adapters, "
-                f"so the base model would silently load unquantised. Remove `{key}` (train a 16/32-bit base model) "
-                "or use `adapter: qlora` / `lora` for quantised training."
-            )
+    problems.extend(_fill_quantization(data))
+    problems.extend(_check_rl(data))
     if data.get("lora_target_parameters"):
         problems.append(
             "`lora_target_parameters` is not supported with adapter: allora (ALLoRA is implemented for LoRA on "
@@ -159,9 +265,11 @@ class ALLoRAArgs(BaseModel):
         if isinstance(data, dict) and data.get("adapter") != ADAPTER_NAME:
             unused = [k for k in ("allora_eta", "allora_coefficient") if data.get(k) is not None]
             if unused:
-                LOG.warning("%s are set but `adapter` is %r, not 'allora': they are ignored.", unused, data.get("adapter"))
+                LOG.warning(
+                    "%s are set but `adapter` is %r, not 'allora': they are ignored.", unused, data.get("adapter")
+                )
             return data
         return check_allora_config(data)
 
 
-__all__ = ["ADAPTER_NAME", "COEFFICIENTS", "ALLoRAArgs", "check_allora_config"]
+__all__ = ["ADAPTER_NAME", "COEFFICIENTS", "SUPPORTED_RL", "ALLoRAArgs", "check_allora_config"]

@@ -4,13 +4,18 @@ How it hooks into Axolotl 0.19 (see README.md for the user-facing side):
 
 * ``get_adapter_capabilities`` registers ``allora`` as a LoRA-like adapter, so Axolotl's config validator accepts
   it and its generic LoRA loader (``load_lora``) builds the peft model from the usual ``lora_*`` settings.
-* ``get_input_args`` adds ``allora_eta`` / ``allora_coefficient`` and the ``adapter: allora`` rules (args.py).
+* ``get_input_args`` adds ``allora_eta`` / ``allora_coefficient`` and the ``adapter: allora`` rules (args.py); with
+  ``load_in_4bit`` / ``load_in_8bit`` those rules put the bitsandbytes config into ``model_kwargs``, which Axolotl's
+  loader hands to ``from_pretrained`` for every adapter name.
+* ``post_model_build`` runs ``prepare_model_for_kbit_training`` on a bitsandbytes-quantised base, which Axolotl
+  does itself only for its ``lora`` / ``qlora`` names.
 * ``post_lora_load`` installs ALLoRA right after the LoRA layers exist; ``post_model_load`` (a safety net) and
   ``post_trainer_create`` install it where that did not happen, e.g. when the trainer builds the peft model
-  (Axolotl hands DPO/KTO/IPO trainers only a LoRA config).
-* ``add_callbacks_post_trainer`` adds :class:`ALLoRACallback`, which records the coefficient statistics on the
-  steps that are logged and writes ``allora_config.json`` into every checkpoint; ``post_train`` writes it beside
-  the final adapter.
+  (Axolotl hands DPO/IPO/KTO trainers only a LoRA config). ``post_trainer_create`` first runs the same distributed
+  start-up checks as the TRL trainers (``allora_trl.core.distributed.check_distributed_setup``: FSDP1 is refused).
+* ``add_callbacks_post_trainer`` adds the shared :class:`allora_trl.core.callback.ALLoRACallback` (coefficient
+  statistics on logged steps, the non-finite stop, ``allora_config.json`` in every checkpoint); ``post_train``
+  writes ``allora_config.json`` beside the final adapter.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import os
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.distributed import is_main_process
 from axolotl.utils.logging import get_logger
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from allora_trl.core.callback import ALLoRACallback
+from allora_trl.core.distributed import check_distributed_setup
 from allora_trl.core.model import (
     ALLORA_CONFIG_NAME,
     DEFAULT_COEFFICIENT,
@@ -33,20 +38,11 @@ from allora_trl.core.model import (
     read_allora_config,
     write_allora_configs,
 )
-from allora_trl.core.stats import collect_allora_stats, set_allora_stats_recording, update_is_logged
 
 from .args import ADAPTER_NAME
 
 # Axolotl shows INFO records only from loggers named "axolotl..." (other loggers: WARNING and up).
 LOG = get_logger("axolotl.integrations.allora")
-
-# How Axolotl's trainer reduces a stored metric over the steps between two logs.
-_STAT_REDUCTIONS = {
-    "allora/coefficient_min": "min",
-    "allora/coefficient_max": "max",
-    "allora/coefficient_mean": "mean",
-    "allora/row_norm_mean": "mean",
-}
 
 
 def resolve_settings(cfg) -> tuple[float, str]:
@@ -61,8 +57,20 @@ def resolve_settings(cfg) -> tuple[float, str]:
     return (DEFAULT_ETA if eta is None else float(eta)), (coefficient or DEFAULT_COEFFICIENT)
 
 
+def _trained_adapter(model) -> str | None:
+    """The adapter that is trained: peft's active adapter, never a frozen one such as TRL's DPO/KTO "ref" copy."""
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        active = active[0] if len(active) == 1 else None
+    return active if isinstance(active, str) else None
+
+
 def _has_allora(model) -> bool:
-    return next(allora_variants(model), None) is not None
+    return next(allora_variants(model, _trained_adapter(model)), None) is not None
+
+
+def _is_bnb_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
 def _check_scaling_one(model) -> None:
@@ -78,71 +86,56 @@ def _check_scaling_one(model) -> None:
 
 
 def install_allora(cfg, model) -> bool:
-    """Install ALLoRA on ``model`` if it is a peft model without it; return whether ALLoRA is installed."""
-    if _has_allora(model):
-        return True
+    """Install ALLoRA on the trained adapter of ``model`` if it is a peft model without it; return whether ALLoRA is
+    installed. Other adapters (a frozen reference copy) are left as they are: the rule belongs to the trained one."""
     if not getattr(model, "peft_config", None):
         return False
+    if _has_allora(model):
+        return True
+    adapter = _trained_adapter(model)
     if cfg.lora_model_dir:
         _check_scaling_one(model)
     eta, coefficient = resolve_settings(cfg)
-    apply_allora(model, eta=eta, coefficient=coefficient)
-    count = sum(1 for _ in allora_variants(model))
-    LOG.info(f"ALLoRA installed on {count} LoRA layers (eta={eta}, coefficient={coefficient!r}).")
+    apply_allora(model, eta=eta, coefficient=coefficient, adapter_name=adapter)
+    count = sum(1 for _ in allora_variants(model, adapter))
+    bases = sorted({type(layer.get_base_layer()).__name__ for _, layer in iter_lora_layers(model)})
+    LOG.info(
+        f"ALLoRA installed on {count} LoRA layers of adapter {adapter!r} (eta={eta}, coefficient={coefficient!r}; "
+        f"base layers: {', '.join(bases)})."
+    )
     return True
 
 
-class ALLoRACallback(TrainerCallback):
-    """Logs ALLoRA's coefficient statistics and saves ``allora_config.json`` with every checkpoint.
+def prepare_quantized_base(cfg, model) -> None:
+    """``prepare_model_for_kbit_training`` on a bitsandbytes base, as Axolotl does for its ``lora`` / ``qlora`` names.
 
-    Recording is switched on only for the optimizer steps that will be logged (the same test as transformers'
-    ``DefaultFlowCallback``), so other steps pay nothing. The statistics go through Axolotl's
-    ``trainer.store_metrics``, which adds them to the next ``trainer.log`` call and so to every reporter and to
-    ``trainer_state.json``; a trainer without ``store_metrics`` gets them added in ``on_log``.
+    It freezes the base, casts its non-quantised 16-bit weights to fp32 and, with ``gradient_checkpointing``, enables
+    checkpointing with input gradients; Axolotl then casts norms and embeddings back to the run's dtype as for QLoRA.
+    Skipped under DeepSpeed ZeRO-3, where Axolotl skips it too (every parameter must keep one dtype).
+    Raises when ``load_in_4bit`` / ``load_in_8bit`` asked for a quantised base but the model was loaded unquantised:
+    training would otherwise go on silently at full precision.
     """
+    requested = cfg.load_in_4bit or cfg.load_in_8bit
+    if requested and not _is_bnb_quantized(model):
+        raise RuntimeError(
+            "adapter: allora: `load_in_4bit` / `load_in_8bit` is set but the base model was loaded unquantised (the "
+            "bitsandbytes config in `model_kwargs.quantization_config` did not reach `from_pretrained`). Check that "
+            "bitsandbytes is installed, or remove `load_in_4bit` / `load_in_8bit`."
+        )
+    if not _is_bnb_quantized(model):
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    def __init__(self, trainer=None):
-        self.trainer = trainer
-        self.recording = False
-        self.pending: dict[str, float] = {}
+    if is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return
+    from peft import prepare_model_for_kbit_training
 
-    def _model(self, kwargs):
-        model = getattr(self.trainer, "model", None)
-        return model if model is not None else kwargs.get("model")
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        model = self._model(kwargs)
-        if model is not None and update_is_logged(args, state, state.global_step + 1):
-            set_allora_stats_recording(model, True)
-            self.recording = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.recording:
-            return
-        model = self._model(kwargs)
-        stats = collect_allora_stats(model)
-        set_allora_stats_recording(model, False)
-        self.recording = False
-        if not stats:
-            return
-        store = getattr(self.trainer, "store_metrics", None)
-        if callable(store):
-            store({key: (value, _STAT_REDUCTIONS.get(key, "mean")) for key, value in stats.items()}, train_eval="train")
-        else:
-            self.pending.update(stats)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.pending and logs is not None and "loss" in logs:
-            logs.update(self.pending)
-            self.pending = {}
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        model = self._model(kwargs)
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if model is not None and os.path.isdir(folder):
-            write_allora_configs(model, folder)
+    LOG.info("adapter: allora: preparing the quantised base with prepare_model_for_kbit_training")
+    prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
+    )
 
 
 class ALLoRAPlugin(BasePlugin):
@@ -162,18 +155,28 @@ class ALLoRAPlugin(BasePlugin):
         # Belt and braces for configs that bypassed validation: an ALLoRA LoraConfig has neither.
         return {"use_dora": False, "use_rslora": False}
 
+    def post_model_build(self, cfg, model):
+        """Prepare a bitsandbytes-quantised base for training before Axolotl's post-build dtype casts and the LoRA."""
+        if cfg.adapter == ADAPTER_NAME:
+            prepare_quantized_base(cfg, model)
+
     def post_lora_load(self, cfg, model):
         """Install ALLoRA as soon as the LoRA layers exist, before Axolotl's post-load patches and the trainer."""
         if cfg.adapter == ADAPTER_NAME and not install_allora(cfg, model):
-            LOG.info("adapter: allora: no peft model yet (the trainer builds it); ALLoRA is installed after trainer creation.")
+            LOG.info(
+                "adapter: allora: no peft model yet (the trainer builds it); ALLoRA is installed after trainer creation."
+            )
 
     def post_model_load(self, cfg, model):
         if cfg.adapter == ADAPTER_NAME and getattr(model, "peft_config", None) and not install_allora(cfg, model):
             raise RuntimeError("adapter: allora: ALLoRA could not be installed on the loaded peft model.")
 
     def post_trainer_create(self, cfg, trainer):
+        """Refuse distributed set-ups where ALLoRA's layers would see sharded weights (FSDP1, ...), exactly as the TRL
+        trainers do at construction; then make sure the trained adapter carries the rule."""
         if cfg.adapter != ADAPTER_NAME:
             return
+        check_distributed_setup(trainer.args, getattr(trainer, "accelerator", None), trainer.model)
         if not install_allora(cfg, trainer.model):
             raise RuntimeError(
                 "adapter: allora: the trainer's model has no LoRA adapter to install ALLoRA on "
@@ -183,7 +186,7 @@ class ALLoRAPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         if cfg.adapter != ADAPTER_NAME:
             return []
-        return [ALLoRACallback(trainer)]
+        return [ALLoRACallback(trainer, write_checkpoint_config=True)]
 
     def post_train(self, cfg, model):
         """Write ``allora_config.json`` beside the adapter Axolotl saved in ``output_dir``."""

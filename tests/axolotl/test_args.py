@@ -47,7 +47,14 @@ def test_allora_settings_with_other_adapter_warn(caplog):
 
 def test_explicit_matching_values_accepted():
     args = ALLoRAArgs.model_validate(
-        {"adapter": "allora", "lora_r": 4, "lora_alpha": 4, "lora_dropout": 0, "allora_eta": "0.5", "allora_coefficient": "output"}
+        {
+            "adapter": "allora",
+            "lora_r": 4,
+            "lora_alpha": 4,
+            "lora_dropout": 0,
+            "allora_eta": "0.5",
+            "allora_coefficient": "output",
+        }
     )
     assert args.allora_eta == 0.5 and args.allora_coefficient == "output"
     assert ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 4}).allora_eta is None  # default resolved later
@@ -60,8 +67,18 @@ def test_explicit_matching_values_accepted():
         ({"lora_dropout": 0.05}, "lora_dropout"),
         ({"peft_use_dora": True}, "peft_use_dora"),
         ({"peft_use_rslora": True}, "peft_use_rslora"),
-        ({"load_in_4bit": True}, "load_in_4bit"),
-        ({"load_in_8bit": True}, "load_in_8bit"),
+        ({"gptq": True}, "gptq"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit"),
+        ({"load_in_4bit": True, "fsdp_config": {"fsdp_version": 2}}, "load_in_4bit"),
+        (
+            {"load_in_8bit": True, "model_kwargs": {"quantization_config": {"load_in_4bit": True}}},
+            "model_kwargs.quantization_config",
+        ),
+        ({"rl": "grpo"}, "rl: grpo"),
+        ({"rl": "gdpo"}, "rl: gdpo"),
+        ({"rl": "ebft"}, "rl: ebft"),
+        ({"rl": "orpo"}, "rl: orpo"),
+        ({"rl": "simpo"}, "rl: simpo"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
         ({"lora_target_parameters": ["experts.gate_up_proj"]}, "lora_target_parameters"),
         ({"lora_rank_pattern": {"q_proj": 4}, "lora_alpha_pattern": {"q_proj": 8}}, "lora_alpha_pattern"),
@@ -80,6 +97,38 @@ def test_rejections_name_the_field(overrides, field):
     with pytest.raises(ValidationError) as info:
         ALLoRAArgs.model_validate(data)
     assert f"`{field}`" in str(info.value)
+
+
+def test_load_in_4bit_fills_the_bitsandbytes_config_for_from_pretrained():
+    """Axolotl's loader passes `model_kwargs` to `from_pretrained` for every adapter name: the 4-bit settings go there."""
+    data = check_allora_config(
+        {
+            "adapter": "allora",
+            "lora_r": 8,
+            "load_in_4bit": True,
+            "bf16": True,
+            "model_kwargs": {"low_cpu_mem_usage": True},
+        }
+    )
+    assert data["model_kwargs"]["low_cpu_mem_usage"] is True
+    quantization = data["model_kwargs"]["quantization_config"]
+    assert quantization["load_in_4bit"] is True and quantization["bnb_4bit_quant_type"] == "nf4"
+    assert quantization["bnb_4bit_compute_dtype"] == "bfloat16"
+    assert data["load_in_4bit"] is True  # kept: Axolotl's own 4-bit handling (dtype casts) still sees it
+
+
+def test_quantisation_fill_is_idempotent():
+    """A config validated twice (Axolotl re-validates in some paths) must not be rejected for its own filled value."""
+    once = check_allora_config({"adapter": "allora", "lora_r": 8, "load_in_8bit": True})
+    assert once["model_kwargs"] == {"quantization_config": {"load_in_8bit": True}}
+    assert check_allora_config(once) == once
+
+
+def test_rl_modes():
+    for rl in ("dpo", "ipo", "kto"):
+        assert check_allora_config({"adapter": "allora", "lora_r": 8, "rl": rl})["rl"] == rl
+    with pytest.raises(ValueError, match=r"`rl: grpo`.*`adapter: lora` for `rl: grpo`"):
+        check_allora_config({"adapter": "allora", "lora_r": 8, "rl": "grpo"})
 
 
 def test_all_problems_reported_at_once():

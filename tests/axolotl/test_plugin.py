@@ -1,6 +1,9 @@
-"""The plugin's hooks through Axolotl's real model loader, and its statistics / checkpoint callback."""
+"""The plugin's hooks through Axolotl's real model loader (16/32-bit, 4-bit and 8-bit bases), its start-up checks,
+and the shared statistics / checkpoint callback it registers."""
 
 import json
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,13 +13,16 @@ pytest.importorskip("axolotl.integrations.base", reason="needs Axolotl 0.19 in i
 pytestmark = pytest.mark.axolotl
 
 import torch  # noqa: E402
+from axolotl.core.trainers.base import AxolotlTrainer  # noqa: E402
+from axolotl.utils.dict import DictDefault  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
 from allora_trl import ALLORA_CONFIG_NAME, apply_allora, save_allora_adapter  # noqa: E402
-from allora_trl.integrations.axolotl import ALLoRACallback, ALLoRAPlugin  # noqa: E402
+from allora_trl.core.callback import ALLoRACallback  # noqa: E402
 from allora_trl.core.model import iter_lora_layers  # noqa: E402
 from allora_trl.core.variant import ALLoRALinearVariant  # noqa: E402
+from allora_trl.integrations.axolotl import ALLoRAPlugin  # noqa: E402
 
 
 def load_model(cfg):
@@ -48,9 +54,39 @@ def test_model_loader_installs_allora(load_axolotl_cfg):
     assert lora_config.lora_alpha == lora_config.r == 8 and lora_config.lora_dropout == 0.0
 
 
+@pytest.mark.parametrize("setting, layer_class", [("load_in_4bit", "Linear4bit"), ("load_in_8bit", "Linear8bitLt")])
+def test_quantised_base_through_axolotls_loader(load_axolotl_cfg, setting, layer_class):
+    """`load_in_4bit` / `load_in_8bit` with adapter: allora load a bitsandbytes base, prepared for k-bit training,
+    with ALLoRA on every LoRA layer (Axolotl itself quantises only for its `qlora` / `lora` names)."""
+    cfg = load_axolotl_cfg(**{setting: True})
+    model, _ = load_model(cfg)
+    layers = lora_layers(model)
+    assert len(layers) == 14
+    for layer in layers:
+        assert type(layer.get_base_layer()).__name__ == layer_class
+        assert type(layer.get_base_layer()).__module__.startswith("bitsandbytes.")
+        assert isinstance(layer.lora_variant["default"], ALLoRALinearVariant) and layer.scaling["default"] == 1.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # the quantised base is frozen
+
+
+def test_quantisation_requested_but_not_applied_is_an_error(tiny_model_dir):
+    """If the bitsandbytes config ever stops reaching `from_pretrained`, training must not go on at full precision."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="loaded unquantised"):
+        ALLoRAPlugin().post_model_build(DictDefault({"adapter": "allora", "load_in_4bit": True}), model)
+    ALLoRAPlugin().post_model_build(DictDefault({"adapter": "lora", "load_in_4bit": True}), model)  # not ours
+
+
 def test_other_adapter_left_alone(load_axolotl_cfg):
-    cfg = load_axolotl_cfg(adapter="lora", lora_alpha=16, lora_dropout=0.0, lora_mlp_kernel=False,
-                           lora_qkv_kernel=False, lora_o_kernel=False)
+    cfg = load_axolotl_cfg(
+        adapter="lora",
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_mlp_kernel=False,
+        lora_qkv_kernel=False,
+        lora_o_kernel=False,
+    )
     model, _ = load_model(cfg)
     for layer in lora_layers(model):
         assert "default" not in layer.lora_variant
@@ -81,14 +117,16 @@ def test_lora_model_dir_with_other_scaling_rejected(load_axolotl_cfg, tiny_model
 
 
 class FakeTrainer:
-    """What the callback uses of Axolotl's trainer: `model` and `store_metrics`."""
+    """What the callback and the start-up hook use of Axolotl's SFT trainer: ``model``, ``args``, ``accelerator``
+    and Axolotl's own ``store_metrics`` (the real method, on the metric store it expects)."""
 
-    def __init__(self, model):
+    store_metrics = AxolotlTrainer.store_metrics
+
+    def __init__(self, model, args=None, accelerator=None):
         self.model = model
-        self.stored = []
-
-    def store_metrics(self, metrics, train_eval="train"):
-        self.stored.append((train_eval, metrics))
+        self.args = args if args is not None else SimpleNamespace(fsdp_plugin_args=None)
+        self.accelerator = accelerator
+        self._stored_metrics = defaultdict(lambda: defaultdict(lambda: {"values": [], "reduction": "mean"}))
 
 
 def run_step(callback, args, state, model):
@@ -106,43 +144,113 @@ def allora_model(tiny_model_dir):
     return apply_allora(model, eta=2.0)
 
 
-def test_callback_records_only_logged_steps_and_stores_metrics(allora_model, tmp_path):
+@pytest.fixture()
+def plain_lora_model(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+
+ALLORA_CFG = DictDefault({"adapter": "allora"})
+
+
+def plugin_callback(trainer):
+    (callback,) = ALLoRAPlugin().add_callbacks_post_trainer(ALLORA_CFG, trainer)
+    return callback
+
+
+def test_plugin_registers_the_shared_callback_with_checkpoint_records(allora_model):
+    callback = plugin_callback(FakeTrainer(allora_model))
+    assert type(callback) is ALLoRACallback and callback.write_checkpoint_config
+
+
+def test_statistics_reach_axolotls_metric_store_on_logged_steps_only(allora_model, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), logging_steps=2, report_to=[])
     state = TrainerState(logging_steps=2)
     trainer = FakeTrainer(allora_model)
-    callback = ALLoRACallback(trainer)
+    callback = plugin_callback(trainer)
 
     run_step(callback, args, state, allora_model)  # step 1: not logged
-    assert trainer.stored == []
+    assert not trainer._stored_metrics["train"]
     run_step(callback, args, state, allora_model)  # step 2: logged
-    assert len(trainer.stored) == 1
-    train_eval, metrics = trainer.stored[0]
-    assert train_eval == "train"
-    assert {k: reduction for k, (_, reduction) in metrics.items()} == {
+    stored = trainer._stored_metrics["train"]
+    assert {k: v["reduction"] for k, v in stored.items()} == {
         "allora/coefficient_min": "min",
         "allora/coefficient_mean": "mean",
         "allora/coefficient_max": "max",
         "allora/row_norm_mean": "mean",
     }
-    assert metrics["allora/coefficient_max"][0] == pytest.approx(2.0)  # B == 0 at init: c = eta everywhere
+    assert stored["allora/coefficient_max"]["values"] == [pytest.approx(2.0)]  # B == 0 at init: c = eta everywhere
     assert not any(v.stats.enabled for layer in lora_layers(allora_model) for v in layer.lora_variant.values())
 
 
-def test_callback_without_store_metrics_adds_to_logs(allora_model, tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), logging_steps=1, report_to=[])
-    state = TrainerState(logging_steps=1)
-    callback = ALLoRACallback(trainer=None)
-    run_step(callback, args, state, allora_model)
-    logs = {"loss": 1.0}
-    callback.on_log(args, state, TrainerControl(), logs=logs, model=allora_model)
-    assert set(logs) == {"loss", "allora/coefficient_min", "allora/coefficient_mean", "allora/coefficient_max",
-                         "allora/row_norm_mean"}
-
-
-def test_callback_on_save_writes_allora_config(allora_model, tmp_path):
+def test_checkpoint_gets_allora_config(allora_model, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
     state = TrainerState(global_step=5)
     (tmp_path / "checkpoint-5").mkdir()
-    ALLoRACallback(FakeTrainer(allora_model)).on_save(args, state, TrainerControl(), model=allora_model)
+    plugin_callback(FakeTrainer(allora_model)).on_save(args, state, TrainerControl(), model=allora_model)
     saved = json.loads((tmp_path / "checkpoint-5" / ALLORA_CONFIG_NAME).read_text())
     assert saved["eta"] == 2.0 and saved["coefficient"] == "weight"
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    for key in (
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "FSDP_AUTO_WRAP_POLICY",
+        "FSDP_MIN_NUM_PARAMS",
+        "FSDP_STATE_DICT_TYPE",
+        "WORLD_SIZE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def _accelerator_with_fsdp(version: int):
+    plugin = SimpleNamespace(
+        fsdp_version=version,
+        auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+        min_num_params=None,
+        state_dict_type="FULL_STATE_DICT",
+    )
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), num_processes=2)
+
+
+def test_fsdp1_from_the_launch_environment_is_refused_at_trainer_creation(plain_lora_model, clean_env):
+    """`accelerate launch` with an FSDP config that has no `fsdp_version` runs FSDP1: refused, as under TRL."""
+    clean_env.setenv("ACCELERATE_USE_FSDP", "true")
+    clean_env.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match=r"FSDP1.*fsdp_version: 2"):
+        ALLoRAPlugin().post_trainer_create(ALLORA_CFG, FakeTrainer(plain_lora_model))
+    assert not lora_layers(plain_lora_model)[0].lora_variant  # refused before anything was installed
+
+    clean_env.setenv("FSDP_VERSION", "2")
+    ALLoRAPlugin().post_trainer_create(ALLORA_CFG, FakeTrainer(plain_lora_model))
+    assert all(
+        isinstance(layer.lora_variant["default"], ALLoRALinearVariant) for layer in lora_layers(plain_lora_model)
+    )
+
+
+def test_fsdp1_in_the_trainers_accelerator_is_refused(plain_lora_model, clean_env):
+    with pytest.raises(ValueError, match="FSDP1"):
+        ALLoRAPlugin().post_trainer_create(
+            ALLORA_CFG, FakeTrainer(plain_lora_model, accelerator=_accelerator_with_fsdp(1))
+        )
+    ALLoRAPlugin().post_trainer_create(ALLORA_CFG, FakeTrainer(plain_lora_model, accelerator=_accelerator_with_fsdp(2)))
+
+
+def test_start_up_check_skipped_for_other_adapters(plain_lora_model, clean_env):
+    clean_env.setenv("ACCELERATE_USE_FSDP", "true")
+    clean_env.setenv("FSDP_VERSION", "1")
+    ALLoRAPlugin().post_trainer_create(DictDefault({"adapter": "lora"}), FakeTrainer(plain_lora_model))
+    assert not lora_layers(plain_lora_model)[0].lora_variant
+
+
+def test_a_frozen_reference_adapter_gets_no_rule(plain_lora_model, clean_env):
+    """TRL's DPO/KTO copy a pre-built adapter into a frozen "ref" adapter: only the trained one gets ALLoRA."""
+    plain_lora_model.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert plain_lora_model.active_adapter == "default"
+    ALLoRAPlugin().post_trainer_create(ALLORA_CFG, FakeTrainer(plain_lora_model))
+    for layer in lora_layers(plain_lora_model):
+        assert isinstance(layer.lora_variant["default"], ALLoRALinearVariant)
+        assert "ref" not in layer.lora_variant and layer.scaling["ref"] == 2.0  # untouched

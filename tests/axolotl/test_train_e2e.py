@@ -1,11 +1,10 @@
-"""End to end: ``axolotl train`` (which runs ``accelerate launch -m axolotl.cli.train``) on the example config.
+"""End to end: ``axolotl train`` (which runs ``accelerate launch -m axolotl.cli.train``) on the SFT example config.
 
 Uses SmolLM2-135M-Instruct from ``allora_trl.job.assets.smollm2_path()`` when it can be had offline, else the tiny
-random Llama of the shared fixtures; 3 steps of 64 tokens on CPU either way.
+random Llama of the shared fixtures; 3 steps of 64 tokens on CPU either way. Axolotl's SFT trainer keeps its own
+metric store (``store_metrics``), so this also checks that the shared ALLoRA callback's statistics reach its logs.
 """
 
-import json
-import subprocess
 import warnings
 
 import pytest
@@ -16,6 +15,7 @@ import yaml
 pytest.importorskip("axolotl.integrations.base", reason="needs Axolotl 0.19 in its own venv: run .ci/axolotl.sh")
 pytestmark = [pytest.mark.axolotl, pytest.mark.slow]
 
+from axolotl_helpers import allora_log_history, assert_plain_lora_adapter, run_axolotl_train  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -32,7 +32,9 @@ def base_model(request) -> str:
 
         return smollm2_path()
     except (ImportError, FileNotFoundError) as exc:
-        warnings.warn(f"SmolLM2 unavailable ({exc}); the Axolotl end-to-end test uses the tiny random Llama.")
+        warnings.warn(
+            f"SmolLM2 unavailable ({exc}); the Axolotl end-to-end test uses the tiny random Llama.", stacklevel=2
+        )
         return request.getfixturevalue("tiny_model_dir")
 
 
@@ -48,33 +50,18 @@ def test_axolotl_train_example_config(base_model, axolotl_cmd, tmp_path):
         logging_steps=1,
     )
     cfg["datasets"][0]["path"] = str(axolotl_cmd["data"])
-    config_file = tmp_path / "allora.yaml"
-    config_file.write_text(yaml.safe_dump(cfg))
-
-    run = subprocess.run(
-        [axolotl_cmd["cli"], "train", str(config_file)],
-        cwd=tmp_path, env=axolotl_cmd["env"], capture_output=True, text=True, timeout=600, check=False,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-6000:]
+    output = run_axolotl_train(cfg, tmp_path)
     assert "ALLoRA installed on" in output
 
     out = tmp_path / "out"
-    # a plain LoRA adapter ...
-    adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "LORA"
-    assert adapter["lora_alpha"] == adapter["r"] == cfg["lora_r"]
-    assert adapter["lora_dropout"] == 0.0 and not adapter["use_dora"] and not adapter["use_rslora"]
-    assert (out / "adapter_model.safetensors").is_file()
-    # ... with allora_config.json beside it, also in the checkpoint
+    # a plain LoRA adapter with allora_config.json beside it, also in the checkpoint
     for folder in (out, out / f"checkpoint-{STEPS}"):
-        settings = json.loads((folder / "allora_config.json").read_text())
+        settings = assert_plain_lora_adapter(folder, cfg["lora_r"])
         assert (settings["eta"], settings["coefficient"]) == (cfg["allora_eta"], cfg["allora_coefficient"])
 
     # ALLoRA was active: its coefficient statistics were logged at every step; c = eta while B == 0 (step 1),
     # then falls below eta as ||BA|| grows.
-    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
-    stats = [h for h in history if "allora/coefficient_mean" in h]
+    stats = allora_log_history(out / f"checkpoint-{STEPS}")
     assert [h["step"] for h in stats] == list(range(1, STEPS + 1))
     eta = cfg["allora_eta"]
     assert stats[0]["allora/coefficient_max"] == pytest.approx(eta, rel=1e-4)

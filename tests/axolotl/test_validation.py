@@ -9,8 +9,9 @@ import pytest
 pytest.importorskip("axolotl.integrations.base", reason="needs Axolotl 0.19 in its own venv: run .ci/axolotl.sh")
 pytestmark = pytest.mark.axolotl
 
-from allora_trl.integrations.axolotl.plugin import resolve_settings  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
+
+from allora_trl.integrations.axolotl.plugin import resolve_settings  # noqa: E402
 
 
 def test_defaults_filled(load_axolotl_cfg):
@@ -24,7 +25,11 @@ def test_defaults_filled(load_axolotl_cfg):
 
 def test_explicit_settings_kept(load_axolotl_cfg):
     cfg = load_axolotl_cfg(
-        lora_r=4, lora_alpha=4, lora_dropout=0.0, allora_eta=0.5, allora_coefficient="output",
+        lora_r=4,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        allora_eta=0.5,
+        allora_coefficient="output",
         lora_rank_pattern={"q_proj": 2},
     )
     assert (cfg.allora_eta, cfg.allora_coefficient) == (0.5, "output")
@@ -56,8 +61,15 @@ def test_other_adapter_unchanged_by_plugin(load_axolotl_cfg):
         ({"allora_eta": math.inf}, "allora_eta", "positive finite"),
         ({"allora_eta": math.nan}, "allora_eta", "positive finite"),
         ({"allora_coefficient": "rows"}, "allora_coefficient", "'weight', 'output'"),
-        ({"load_in_4bit": True}, "load_in_4bit", "Remove `load_in_4bit`"),
-        ({"load_in_8bit": True}, "load_in_8bit", "Remove `load_in_8bit`"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit", "set only one"),
+        (
+            {"load_in_4bit": True, "model_kwargs": {"quantization_config": {"load_in_8bit": True}}},
+            "model_kwargs.quantization_config",
+            "bnb_config_kwargs",
+        ),
+        ({"rl": "grpo"}, "rl: grpo", "`adapter: lora` for `rl: grpo`"),
+        ({"rl": "orpo"}, "rl: orpo", "`adapter: lora` for `rl: orpo`"),
+        ({"rl": "simpo"}, "rl: simpo", "`adapter: lora` for `rl: simpo`"),
         ({"lora_mlp_kernel": True}, "lora_mlp_kernel", "lora_mlp_kernel: false"),
     ],
 )
@@ -66,6 +78,37 @@ def test_rejected_with_field_and_fix(load_axolotl_cfg, overrides, field, fix):
         load_axolotl_cfg(**overrides)
     message = str(info.value)
     assert f"`{field}`" in message and fix in message
+
+
+@pytest.mark.parametrize(
+    "flags, compute_dtype", [({}, "float32"), ({"bf16": True}, "bfloat16"), ({"fp16": True}, "float16")]
+)
+def test_load_in_4bit_fills_axolotls_qlora_bitsandbytes_settings(load_axolotl_cfg, flags, compute_dtype):
+    """The plugin hands `from_pretrained` the 4-bit settings Axolotl uses for `adapter: qlora`, computing in the run's
+    dtype, with `bnb_config_kwargs` on top (as for qlora)."""
+    cfg = load_axolotl_cfg(load_in_4bit=True, bnb_config_kwargs={"bnb_4bit_use_double_quant": False}, **flags)
+    quantization = dict(cfg.overrides_of_model_kwargs.quantization_config)
+    assert quantization["load_in_4bit"] is True and quantization["bnb_4bit_quant_type"] == "nf4"
+    assert quantization["bnb_4bit_compute_dtype"] == compute_dtype == str(cfg.torch_dtype).removeprefix("torch.")
+    assert quantization["bnb_4bit_use_double_quant"] is False  # from bnb_config_kwargs
+    assert cfg.load_in_4bit is True and cfg.adapter == "allora"
+
+
+def test_load_in_8bit_fills_model_kwargs_and_keeps_other_model_kwargs(load_axolotl_cfg):
+    cfg = load_axolotl_cfg(load_in_8bit=True, model_kwargs={"low_cpu_mem_usage": True})
+    assert dict(cfg.overrides_of_model_kwargs) == {
+        "low_cpu_mem_usage": True,
+        "quantization_config": {"load_in_8bit": True},
+    }
+
+
+@pytest.mark.parametrize("rl", ["dpo", "ipo", "kto"])
+def test_supported_rl_modes_accepted(load_axolotl_cfg, rl):
+    extra = {"remove_unused_columns": False} if rl == "kto" else {}
+    cfg = load_axolotl_cfg(
+        rl=rl, datasets=[{"path": "unused.jsonl", "ds_type": "json", "type": "chatml.default"}], **extra
+    )
+    assert cfg.rl == rl and cfg.adapter == "allora"
 
 
 def test_relora_rejected_by_axolotl_capability(load_axolotl_cfg):
