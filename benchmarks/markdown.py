@@ -66,6 +66,20 @@ def _nats(stats, digits=4):
     return f"{stats['mean']:.{digits}f} ± {stats['half']:.{digits}f}"
 
 
+def _sessions_line(sessions: list[dict]) -> str:
+    """The sessions a resumed run took (``OUT/sessions.jsonl``): when each started, from which commit, its wall time."""
+    parts, current = [], None
+    for event in sessions:
+        if event.get("event") == "start":
+            current = f"{event['utc']} from `{event.get('commit') or '?'}`"
+            parts.append(current)
+        elif event.get("event") == "end" and parts:
+            parts[-1] += f" ({event['wall_s'] / 60:.0f} min to the end)"
+    return f"* Sessions ({len(parts)}, `OUT/sessions.jsonl`; a session without an end was stopped and resumed): " + (
+        "; ".join(parts) + "."
+    )
+
+
 def render(
     plan,
     analysis,
@@ -79,6 +93,7 @@ def render(
     versions: dict,
     layer: dict | None = None,
     commit: str | None = None,
+    sessions: list[dict] | None = None,
 ) -> tuple[str, list[str]]:
     """The Markdown report and its headline lines (printed by the command)."""
     main, docs_dir = analysis["main"], docs_path.parent
@@ -106,6 +121,7 @@ def render(
         f"Load average at report time: {', '.join(f'{x:.1f}' for x in info.get('load_average', ()))}.",
         "* Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         f"* Commit: {commit or 'not recorded'}." if commit or plan.mode == "long" else None,
+        _sessions_line(sessions) if sessions else None,
         None
         if plan.loss_limit
         else "* Learning rates were chosen by accuracy on the selection questions; no held-out loss was measured "
@@ -135,7 +151,9 @@ def render(
             f"prompt, on a fixed sample of {plan.loss_limit} examples per task of the reported pool (inputs longer than "
             f"{plan.loss_max_length} tokens lose the passage's start, never the answer), averaged over tasks. "
             + (
-                "The learning rate is chosen by the same loss on the selection pool."
+                "No learning rate is selected: each method has one (see Methods)."
+                if all(len(plan.grid(m)) == 1 for m in plan.methods)
+                else "The learning rate is chosen by the same loss on the selection pool."
                 if plan.select_by == "loss"
                 else "The learning rate is chosen by accuracy on the selection pool."
             )

@@ -68,6 +68,11 @@ def write_report(
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     layer_path = out_dir / "layer_speed.json"
     layer = json.loads(layer_path.read_text()) if layer_path.is_file() else None
+    sessions_path = out_dir / "sessions.jsonl"
+    sessions = [json.loads(line) for line in sessions_path.read_text().splitlines()] if sessions_path.is_file() else []
+    starts = [event for event in sessions if event.get("event") == "start"]
+    if starts and not command:  # a rebuild of a run that has not reached its end yet: its last session's command
+        command, commit = starts[-1].get("command", ""), commit or starts[-1].get("commit")
     text, headline = render(
         plan,
         analysis,
@@ -81,6 +86,7 @@ def write_report(
         versions(),
         layer,
         commit,
+        sessions,
     )
     docs_path.write_text(keep_findings(text, docs_path))
 

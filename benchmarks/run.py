@@ -143,6 +143,14 @@ def execute(
     return data
 
 
+def log_session(out_dir: Path, **fields) -> None:
+    """Append one JSON line to ``OUT/sessions.jsonl``: a run resumed over several sessions keeps each session's
+    command, commit, start and (when it got to the end) wall time."""
+    fields = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    with open(Path(out_dir) / "sessions.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(fields) + "\n")
+
+
 def git_commit() -> str | None:
     """The checkout's commit (with ``+dirty`` for uncommitted changes), recorded with a run; None outside git."""
     try:
@@ -368,8 +376,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
     started = time.time()
-    results: dict[str, dict] = {}
     commit = git_commit()
+    log_session(out_dir, event="start", command=command, commit=commit, device=plan.device, threads=threads)
+    results: dict[str, dict] = {}
     run = dict(
         out_dir=out_dir, results=results, eval_batch_size=plan.eval_batch_size, device=plan.device, commit=commit
     )
@@ -429,6 +438,7 @@ def main(argv=None) -> int:
             print("[cost] layer micro-benchmark (pytest-benchmark)")
             run_layer_benchmark(layer_json, quick=plan.mode == "quick")
     wall = time.time() - started
+    log_session(out_dir, event="end", wall_s=round(wall, 1))
     from .report import write_report
 
     summary = write_report(out_dir, docs, plan=plan, command=command, wall_s=wall, commit=commit)
