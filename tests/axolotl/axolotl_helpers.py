@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIG = REPO / "example_configs" / "axolotl" / "allora-smollm2.yaml"
 EXAMPLE_DATA = REPO / "example_configs" / "axolotl" / "data" / "tiny.jsonl"
@@ -72,6 +70,8 @@ def run_axolotl_train(cfg: dict, tmp_path, timeout: int = 600) -> str:
 
     Fails the test, with the end of the output, when the run fails.
     """
+    import yaml  # the job extra's dependency, not the library's: imported only where a run is written
+
     config_file = tmp_path / "axolotl.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
     run = subprocess.run(
