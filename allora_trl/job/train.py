@@ -54,7 +54,7 @@ def load_user_dataset(path: str):
         kind = kinds.get(source.suffix.lower())
         if kind is None:
             raise UsageError(f"dataset_path {path!r}: use a .json/.jsonl/.csv/.parquet file or a save_to_disk folder.")
-        if not source.read_bytes().strip():
+        if _is_blank(source):
             raise UsageError(f"dataset_path {path!r} is empty: it needs at least one example.")
         datasets_logger = logging.getLogger("datasets")
         level, bars_were_on = datasets_logger.level, datasets.is_progress_bar_enabled()
@@ -87,6 +87,13 @@ def load_user_dataset(path: str):
             f"dataset_path {path!r}: every row's {learned!r} is empty, so there is nothing to train on; fill it in."
         )
     return dataset
+
+
+def _is_blank(path: Path, probe: int = 1 << 16) -> bool:
+    """True for a file holding nothing but whitespace (checked without reading a large file whole)."""
+    with open(path, "rb") as handle:
+        head = handle.read(probe)
+    return not head.strip() and path.stat().st_size <= probe
 
 
 def _has_content(value) -> bool:
