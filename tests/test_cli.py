@@ -117,29 +117,66 @@ def test_unusable_dataset_fails_before_the_model_is_loaded(tmp_path, capsys, mon
     model_dir = tmp_path / "model"  # passes the path checks; loading it would fail, and must not be tried
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
-    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(model_dir),
-                     "--dataset_path", str(data), "--skip_eval", "true"], capsys)
+    code, err = run(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_path",
+            str(data),
+            "--skip_eval",
+            "true",
+        ],
+        capsys,
+    )
     assert_usage_error(code, err, "dataset_path", message)
     assert not (tmp_path / "o").exists()
 
 
 def test_empty_dataset_folder_is_a_one_line_error(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "data").mkdir()
-    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_model_dir,
-                     "--dataset_path", str(tmp_path / "data"), "--skip_eval", "true"], capsys)
+    code, err = run(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_path",
+            str(tmp_path / "data"),
+            "--skip_eval",
+            "true",
+        ],
+        capsys,
+    )
     assert_usage_error(code, err, "dataset_path", "save_to_disk")
     assert not (tmp_path / "o").exists()
 
 
-def test_misspelt_target_module_fails_after_loading_before_anything_is_written(tmp_path, capsys, tiny_model_dir,
-                                                                               qa_dataset, monkeypatch):
+def test_misspelt_target_module_fails_after_loading_before_anything_is_written(
+    tmp_path, capsys, tiny_model_dir, qa_dataset, monkeypatch
+):
     import allora_trl.job.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_multiple_choice", lambda *a, **k: pytest.fail("evaluated first"))
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
-    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_model_dir,
-                     "--dataset_path", str(data), "--lora_target_modules", "q_proj,v_porj"], capsys)
+    code, err = run(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_path",
+            str(data),
+            "--lora_target_modules",
+            "q_proj,v_porj",
+        ],
+        capsys,
+    )
     assert_usage_error(code, err, "lora_target_modules", "'v_porj'", "v_proj", "o_proj")
     assert not (tmp_path / "o").exists()
 
@@ -164,8 +201,9 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
 
 
 def test_eval_split_that_a_task_lacks_is_refused_before_loading(tmp_path, capsys):
-    code, err = run(["train", "--eval_tasks", "arc_easy,piqa", "--eval_split", "test",
-                     "--output_dir", str(tmp_path / "o")], capsys)
+    code, err = run(
+        ["train", "--eval_tasks", "arc_easy,piqa", "--eval_split", "test", "--output_dir", str(tmp_path / "o")], capsys
+    )
     assert_usage_error(code, err, "eval_split", "piqa", "validation")
 
 
@@ -229,9 +267,27 @@ def test_resume_run_continues_from_the_latest_checkpoint(tmp_path, capsys, tiny_
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
     out = tmp_path / "run"
-    common = ["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
-              "--skip_eval", "true", "--per_device_train_batch_size", "4", "--lora_r", "2",
-              "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    common = [
+        "train",
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_path",
+        str(data),
+        "--skip_eval",
+        "true",
+        "--per_device_train_batch_size",
+        "4",
+        "--lora_r",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
     assert main([*common, "--max_steps", "2"]) == 0
     state_file = out / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
@@ -239,7 +295,11 @@ def test_resume_run_continues_from_the_latest_checkpoint(tmp_path, capsys, tiny_
     state_file.write_text(json.dumps(state))
     assert main([*common, "--max_steps", "3", "--resume_from_checkpoint"]) == 0
     history = json.loads((out / "summary.json").read_text())["log_history"]
-    assert [(row["step"], row["loss"] == 123.0) for row in history if "loss" in row] == [(1, True), (2, False), (3, False)]
+    assert [(row["step"], row["loss"] == 123.0) for row in history if "loss" in row] == [
+        (1, True),
+        (2, False),
+        (3, False),
+    ]
 
 
 def test_full_run_on_a_tiny_model_writes_adapter_plot_and_summary(tmp_path, tiny_model_dir, qa_dataset):
@@ -247,10 +307,35 @@ def test_full_run_on_a_tiny_model_writes_adapter_plot_and_summary(tmp_path, tiny
     qa_dataset.to_json(str(data))
     out = tmp_path / "run"
     old_checkpoint = checkpoint(out, 99)  # an earlier run's: --overwrite_output_dir must not leave it beside this one
-    code = main(["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
-                 "--max_steps", "4", "--logging_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
-                 "--eval_tasks", "arc_easy", "--eval_limit", "4", "--eval_batch_size", "8", "--allora_eta", "1.5",
-                 "--overwrite_output_dir", "true"])
+    code = main(
+        [
+            "train",
+            "--output_dir",
+            str(out),
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_path",
+            str(data),
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--lora_r",
+            "4",
+            "--eval_tasks",
+            "arc_easy",
+            "--eval_limit",
+            "4",
+            "--eval_batch_size",
+            "8",
+            "--allora_eta",
+            "1.5",
+            "--overwrite_output_dir",
+            "true",
+        ]
+    )
     assert code == 0
     assert not any(out.glob("checkpoint-*")), old_checkpoint
     config = json.loads((out / "adapter_config.json").read_text())
@@ -268,9 +353,30 @@ def test_update_scale_is_recorded_in_allora_config_and_summary(tmp_path, tiny_mo
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
     out = tmp_path / "run"
-    assert main(["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data),
-                 "--max_steps", "1", "--per_device_train_batch_size", "4", "--lora_r", "2", "--skip_eval", "true",
-                 "--allora_scale", "update"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--output_dir",
+                str(out),
+                "--model_name_or_path",
+                tiny_model_dir,
+                "--dataset_path",
+                str(data),
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "4",
+                "--lora_r",
+                "2",
+                "--skip_eval",
+                "true",
+                "--allora_scale",
+                "update",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["allora"]["scale"] == "update"
     saved = json.loads((out / "allora_config.json").read_text())
     assert saved["scale"] == "update" and saved["format_version"] == 1
@@ -325,7 +431,7 @@ def test_train_without_the_job_extra_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(cli, "JOB_MODULES", {"lm_eval": "lm-eval", "no_such_module_xyz": "no-such-req"})
     assert main(["train"]) == 2
     err = capsys.readouterr().err
-    assert "no-such-req" in err and 'allora-trl[job]' in err and "lm-eval" not in err.split("(")[1].split(")")[0]
+    assert "no-such-req" in err and "allora-trl[job]" in err and "lm-eval" not in err.split("(")[1].split(")")[0]
 
 
 def test_evaluation_restores_training_mode_when_lm_eval_fails(monkeypatch):

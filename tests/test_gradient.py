@@ -95,7 +95,9 @@ def test_row_norms_match_dense_norm_without_forming_BA():
     torch.manual_seed(2)
     A = torch.randn(8, 300, dtype=torch.float64)
     B = torch.randn(50, 8, dtype=torch.float64)
-    torch.testing.assert_close(lora_row_norms(A, B).double(), torch.linalg.vector_norm(B @ A, dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        lora_row_norms(A, B).double(), torch.linalg.vector_norm(B @ A, dim=1), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_at_B_zero_the_rule_is_eta_times_the_vanilla_gradient():
@@ -160,9 +162,13 @@ def test_stats_are_recorded_only_when_enabled():
     c = weight_coefficient(A, B, 2.0)
     assert stats.values["coefficient_min"].item() == pytest.approx(c.min().item())
     assert stats.values["coefficient_max"].item() == pytest.approx(c.max().item())
-    assert (stats.values["coefficient_sum"] / stats.values["coefficient_count"]).item() == pytest.approx(c.mean().item())
+    assert (stats.values["coefficient_sum"] / stats.values["coefficient_count"]).item() == pytest.approx(
+        c.mean().item()
+    )
     norms = torch.linalg.vector_norm(B.detach() @ A.detach(), dim=1)
-    assert (stats.values["row_norm_sum"] / stats.values["row_norm_count"]).item() == pytest.approx(norms.mean().item(), rel=1e-5)
+    assert (stats.values["row_norm_sum"] / stats.values["row_norm_count"]).item() == pytest.approx(
+        norms.mean().item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("eta", [1e25, 1e30, 3e38, 1e-20, 1e-30, 2e-38])

@@ -59,7 +59,7 @@ def test_merge_and_unmerge_equal_vanilla_lora(tiny_model_dir):
     ids = torch.randint(0, 100, (2, 9))
     unmerged = model(ids).logits
     for safe in (False, True):
-        model.merge_adapter()
+        model.merge_adapter(safe_merge=safe)
         torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
         model.unmerge_adapter()
         torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-5)
@@ -80,7 +80,14 @@ def test_saved_adapter_is_plain_lora_and_reloads_identically(tiny_model_dir, tmp
     assert config["lora_alpha"] == config["r"] == 4
     assert config["lora_dropout"] == 0.0
     assert not any("allora" in key.lower() for key in config)
-    assert set(config) <= set(LoraConfig().to_dict()) | {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "peft_version"}
+    assert set(config) <= set(LoraConfig().to_dict()) | {
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "peft_version",
+    }
     assert json.loads((tmp_path / ALLORA_CONFIG_NAME).read_text())["eta"] == 3.0
 
     vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).eval()
@@ -156,8 +163,13 @@ def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_mo
     assert allora_settings(model).scale == "update"
     save_allora_adapter(model, tmp_path)
     saved = json.loads((tmp_path / ALLORA_CONFIG_NAME).read_text())
-    assert saved == {"format_version": 1, "eta": 1.5, "coefficient": "weight", "scale": "update",
-                     "paper": "arXiv:2410.09692"}
+    assert saved == {
+        "format_version": 1,
+        "eta": 1.5,
+        "coefficient": "weight",
+        "scale": "update",
+        "paper": "arXiv:2410.09692",
+    }
     reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
     assert allora_settings(reloaded) == ALLoRASettings(eta=1.5, coefficient="weight", scale="update")
 

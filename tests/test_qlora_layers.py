@@ -21,7 +21,9 @@ QUANT = {
 
 
 def quantized_peft_model(model_dir, kind, use_allora):
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu"
+    )
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear"))
     gen = torch.Generator().manual_seed(1)

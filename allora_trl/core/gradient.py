@@ -109,8 +109,9 @@ class CoefficientStats:
         }
 
     @torch.no_grad()
-    def record_forward(self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_output: torch.Tensor, eta: float,
-                       coefficient: str) -> None:
+    def record_forward(
+        self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_output: torch.Tensor, eta: float, coefficient: str
+    ) -> None:
         """Record the coefficient the coming backward pass will apply, computed here in forward."""
         row_norms = lora_row_norms(lora_A, lora_B)
         if coefficient == "output":
@@ -229,7 +230,9 @@ def validate_eta(eta: float, field_name: str = "eta") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"`{field_name}` must be a positive finite number (e.g. 2.0), got {eta!r}.") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{field_name}` must be a positive finite number (e.g. 2.0, the paper's default), got {eta!r}.")
+        raise ValueError(
+            f"`{field_name}` must be a positive finite number (e.g. 2.0, the paper's default), got {eta!r}."
+        )
     if not ETA_MIN <= value <= ETA_MAX:
         raise ValueError(
             f"`{field_name}` must lie between {ETA_MIN:.3g} and {ETA_MAX:.3g} (the coefficient, which equals eta at "

@@ -52,14 +52,14 @@ class _HoldBitsandbytesKernelNotice(logging.Filter):
 _BNB_NOTICE = _HoldBitsandbytesKernelNotice()
 _BNB_LOGGER = logging.getLogger("bitsandbytes.backends.cpu.ops")
 _BNB_LOGGER.addFilter(_BNB_NOTICE)
-try:  # the warning is emitted once, while peft's import imports bitsandbytes
-    from peft import LoraConfig, PeftModel
-    from peft.tuners.lora import layer as lora_layer
+try:  # the warning is emitted once, while peft's import imports bitsandbytes (hence imports after code: E402)
+    from peft import LoraConfig, PeftModel  # noqa: E402
+    from peft.tuners.lora import layer as lora_layer  # noqa: E402
 finally:
     _BNB_LOGGER.removeFilter(_BNB_NOTICE)
 
-from .gradient import validate_coefficient, validate_eta
-from .variant import ALLoRALinearVariant
+from .gradient import validate_coefficient, validate_eta  # noqa: E402
+from .variant import ALLoRALinearVariant  # noqa: E402
 
 ALLORA_CONFIG_NAME = "allora_config.json"
 ALLORA_CONFIG_FORMAT_VERSION = 1
@@ -114,7 +114,9 @@ class ALLoRASettings:
         """
         fix = "re-save the adapter with allora-trl (save_allora_adapter / ALLoRATrainer.save_model) or edit the file"
         if not isinstance(data, dict):
-            kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "null")
+            kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+                type(data), "null"
+            )
             raise ValueError(f"{source}: expected a JSON object such as {_example()}, got a JSON {kind}; {fix}.")
         data = dict(data)
         version = data.pop("format_version", None)
@@ -128,14 +130,18 @@ class ALLoRASettings:
         if version is None and set(data) <= _VERSION_0_KEYS:
             required = {"eta", "coefficient"}  # an unversioned file of allora-trl 0.1.0: no scale recorded
         elif version is None:
-            raise ValueError(f'{source}: "format_version" is missing; add "format_version": {ALLORA_CONFIG_FORMAT_VERSION}.')
+            raise ValueError(
+                f'{source}: "format_version" is missing; add "format_version": {ALLORA_CONFIG_FORMAT_VERSION}.'
+            )
         elif type(version) is int and version > ALLORA_CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"{source}: format_version {version} was written by a newer allora-trl (this one reads up to "
                 f"{ALLORA_CONFIG_FORMAT_VERSION}): upgrade allora-trl (pip install -U allora-trl)."
             )
         elif version != ALLORA_CONFIG_FORMAT_VERSION or type(version) is not int:
-            raise ValueError(f"{source}: format_version must be {ALLORA_CONFIG_FORMAT_VERSION}, got {version!r}; {fix}.")
+            raise ValueError(
+                f"{source}: format_version must be {ALLORA_CONFIG_FORMAT_VERSION}, got {version!r}; {fix}."
+            )
         else:
             required = {"eta", "coefficient", "scale"}
         missing = sorted(required - set(data))
@@ -211,12 +217,14 @@ def check_target_modules(
     if not missing:
         return
     adapter_parts = {"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout"}
-    linear = sorted({
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if (isinstance(module, (torch.nn.Linear, lora_layer.LoraLayer)) or type(module).__name__ == "Conv1D")
-        and not adapter_parts & set(name.split("."))
-    })
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if (isinstance(module, (torch.nn.Linear, lora_layer.LoraLayer)) or type(module).__name__ == "Conv1D")
+            and not adapter_parts & set(name.split("."))
+        }
+    )
     raise ValueError(
         f"`{field_name}`: {', '.join(map(repr, missing))} match(es) no module of the model; its linear layers are "
         f"named {', '.join(linear) or '(none)'}. Correct the name(s), or use 'all-linear'."
@@ -275,11 +283,15 @@ def apply_allora(
     for name in adapters:
         check_lora_config(peft_configs[name])
 
-    layers = [(n, m) for n, m in iter_lora_layers(model) if any(a in m.lora_A or a in m.lora_embedding_A for a in adapters)]
+    layers = [
+        (n, m) for n, m in iter_lora_layers(model) if any(a in m.lora_A or a in m.lora_embedding_A for a in adapters)
+    ]
     if not layers:
         raise ValueError("apply_allora found no LoRA layers in the model: is `target_modules` matching any module?")
     supported = _supported_layer_types()
-    unsupported = sorted({f"{type(m).__module__}.{type(m).__name__}" for _, m in layers if not isinstance(m, supported)})
+    unsupported = sorted(
+        {f"{type(m).__module__}.{type(m).__name__}" for _, m in layers if not isinstance(m, supported)}
+    )
     if unsupported:
         raise ValueError(
             "ALLoRA supports LoRA on linear layers only (peft `lora.Linear` and its bitsandbytes 4-/8-bit forms); "
@@ -324,7 +336,9 @@ def allora_settings(model: torch.nn.Module, adapter_name: str = "default") -> AL
     variant = next(allora_variants(model, adapter_name), None)
     if variant is None:
         return None
-    return ALLoRASettings(eta=variant.eta, coefficient=variant.coefficient, scale=getattr(variant, "scale", DEFAULT_SCALE))
+    return ALLoRASettings(
+        eta=variant.eta, coefficient=variant.coefficient, scale=getattr(variant, "scale", DEFAULT_SCALE)
+    )
 
 
 def save_allora_config(settings: ALLoRASettings, save_directory: str | os.PathLike) -> str:

