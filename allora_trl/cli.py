@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # UsageError, ALLoRAConfig's checks, unknown YAML keys: one line, no traceback
         return usage_error(exc)
 
+    from .core.callback import NonFiniteTrainingError
     from .job.train import run_training
 
     try:
         run_training(script_args, training_args)
     except UsageError as exc:  # the checks that need the data or the model, still before anything is written
         return usage_error(exc)
+    except NonFiniteTrainingError as exc:  # a diverged run: its message says what to change; no traceback needed
+        print(f"allora-trl train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -447,3 +447,18 @@ def test_evaluation_restores_training_mode_when_lm_eval_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="lm-eval failed"):
         evaluate_docs(model, None, {"t": [{"query": "q", "choices": ["a", "b"], "gold": 0}]})
     assert model.training
+
+
+def test_huge_eta_is_accepted_with_a_finite_coefficient_and_a_diverged_run_ends_in_one_line(
+    tmp_path, capsys, tiny_model_dir, qa_dataset
+):
+    """eta 1e25 once gave an infinite coefficient and a NaN adapter with exit 0; now the run stops, in one line."""
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    argv = ["train", "--output_dir", str(out), "--model_name_or_path", tiny_model_dir, "--dataset_path", str(data)]
+    argv += ["--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4", "--lora_r", "2"]
+    code, err = run([*argv, "--skip_eval", "true", "--allora_eta", "1e25"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert "allora-trl train: error: ALLoRA stopped training" in err and "allora_eta" in err
+    assert not (out / "adapter_model.safetensors").exists()
