@@ -235,10 +235,6 @@ def benchmark_import_graph() -> dict[str, set[str]]:
     return graph
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="benchmarks/run.py and benchmarks/report.py import each other (lazily); being refactored away",
-)
 def test_benchmarks_have_no_import_cycles():
     """A cycle, even through imports inside functions, means the two modules cannot be read or tested apart."""
     cycles = _cycles(benchmark_import_graph())
