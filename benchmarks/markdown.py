@@ -222,8 +222,10 @@ def render(
         )
         first = main[next(iter(main))]["n_questions"]
         counts = ", ".join(f"{t}: n = {first[t]}" for t in plan.tasks)
+        finished = sorted({s for r in main.values() for s in r["seeds"]})
+        partial = "" if finished == sorted(plan.seeds) else f" (finished so far: seeds {finished})"
         lines += [
-            f"Mean over seeds {plan.seeds} ± the 95% Student-t half-width over seeds (training noise only; "
+            f"Mean over seeds {plan.seeds}{partial} ± the 95% Student-t half-width over seeds (training noise only; "
             f"{counts} questions "
             "per task, the same questions for every method).",
             "",
