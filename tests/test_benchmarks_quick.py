@@ -220,6 +220,10 @@ def test_quick_mode_end_to_end(tmp_path, tiny_model_dir):
     cost = json.loads((out / "cost.json").read_text())
     assert cost["device"] == "cpu" and set(cost["methods"]) == {"allora0", "allora_eta2_4", "dora"}
 
+    sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in sessions] == ["start", "end"] and sessions[0]["command"].endswith(str(docs))
+    assert "* Sessions (1, " in text
+
     # Resume: the same command again skips every finished run.
     again = subprocess.run(command + ["--no-cost"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
