@@ -28,9 +28,11 @@ _TRAINERS = {
     "ALLoRAConfig": "config",
     "ALLoRATrainer": "sft",
     "ALLoRATrainerMixin": "mixin",
-    **{f"ALLoRA{name}{kind}": module for name, module in (("DPO", "dpo"), ("GRPO", "grpo"), ("KTO", "kto"),
-                                                           ("RLOO", "rloo"), ("Reward", "reward"))
-       for kind in ("Config", "Trainer")},
+    **{
+        f"ALLoRA{name}{kind}": module
+        for name, module in (("DPO", "dpo"), ("GRPO", "grpo"), ("KTO", "kto"), ("RLOO", "rloo"), ("Reward", "reward"))
+        for kind in ("Config", "Trainer")
+    },
 }
 
 __all__ = [

@@ -33,7 +33,9 @@ def test_task_names_and_errors():
 def test_lm_eval_scores_both_formats_on_a_local_model(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    results = evaluate_multiple_choice(model, tokenizer, ["piqa", "winogrande"], split="validation", limit=3, batch_size=8)
+    results = evaluate_multiple_choice(
+        model, tokenizer, ["piqa", "winogrande"], split="validation", limit=3, batch_size=8
+    )
     for task in ("piqa", "winogrande"):
         assert results[task]["n"] == 3 and 0.0 <= results[task]["acc"] <= 1.0
     assert model.training  # evaluation restores the training mode it found

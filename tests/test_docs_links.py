@@ -30,8 +30,10 @@ def relative_links(path: Path) -> list[str]:
 
 def test_the_link_pattern_finds_links_and_images(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("See [method](docs/method.md), ![plot](../plots/a.png), [web](https://x.org), [top](#top).\n"
-                    "```\n[not a link](nowhere.md)\n```\n")
+    page.write_text(
+        "See [method](docs/method.md), ![plot](../plots/a.png), [web](https://x.org), [top](#top).\n"
+        "```\n[not a link](nowhere.md)\n```\n"
+    )
     assert relative_links(page) == ["docs/method.md", "../plots/a.png"]
 
 

@@ -13,8 +13,16 @@ def test_smollm2_loss_falls_on_real_data(tmp_path):
     path = smollm2_path()  # converted from the GGUF once, then cached
     data = commonsense_sft_dataset(["arc_easy"], "train", limit=16, seed=0)
     args = ALLoRAConfig(
-        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=5e-4, logging_steps=4, save_strategy="no", report_to="none", max_length=128, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=5e-4,
+        logging_steps=4,
+        save_strategy="no",
+        report_to="none",
+        max_length=128,
+        seed=0,
         dataloader_pin_memory=False,
     )
     trainer = ALLoRATrainer(

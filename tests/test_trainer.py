@@ -72,7 +72,13 @@ def test_training_changes_adapter_not_base_and_logs_stats(tiny_model_dir, qa_dat
     logged = [entry for entry in trainer.state.log_history if "allora/coefficient_mean" in entry]
     assert [entry["step"] for entry in logged] == [2, 4, 6]
     for entry in logged:
-        assert 0 < entry["allora/coefficient_min"] <= entry["allora/coefficient_mean"] <= entry["allora/coefficient_max"] <= 2.0
+        assert (
+            0
+            < entry["allora/coefficient_min"]
+            <= entry["allora/coefficient_mean"]
+            <= entry["allora/coefficient_max"]
+            <= 2.0
+        )
         assert entry["allora/row_norm_mean"] > 0
     # once B has moved away from zero the coefficient drops below eta
     assert logged[-1]["allora/coefficient_min"] < 2.0
@@ -97,7 +103,9 @@ def test_saved_adapter_reloads_in_vanilla_peft_and_merges(tiny_model_dir, qa_dat
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, qa_dataset, tmp_path):
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    common = dict(
+        max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2
+    )
     full = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path / "a", **common))
     full.train()
 
@@ -143,13 +151,26 @@ def test_existing_peft_model_gets_allora(tiny_model_dir, qa_dataset, tmp_path, c
         )
     assert any("lora_alpha 8 -> 4" in r.getMessage() for r in caplog.records)
     assert trainer.model.peft_config["default"].lora_alpha == 4
-    assert any(isinstance(v, ALLoRALinearVariant) for m in trainer.model.modules() for v in getattr(m, "lora_variant", {}).values())
+    assert any(
+        isinstance(v, ALLoRALinearVariant)
+        for m in trainer.model.modules()
+        for v in getattr(m, "lora_variant", {}).values()
+    )
 
 
 @pytest.mark.parametrize("source", ["training_arguments", "sft_config"])
 def test_plain_args_are_converted_without_losing_fields(tiny_model_dir, qa_dataset, tmp_path, source):
-    common = dict(output_dir=str(tmp_path / "o"), max_steps=1, learning_rate=1.234e-3, weight_decay=0.07,
-                  logging_steps=1, report_to="none", use_cpu=True, seed=17, warmup_steps=3)
+    common = dict(
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        learning_rate=1.234e-3,
+        weight_decay=0.07,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=17,
+        warmup_steps=3,
+    )
     if source == "training_arguments":
         args = TrainingArguments(**common)
     else:
@@ -221,8 +242,11 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_adapter(tiny_mode
     """The rule lives in the layers' autograd, so recomputation (checkpointing) and micro-batching change nothing."""
     runs = {
         "plain": dict(per_device_train_batch_size=4),
-        "checkpointing": dict(per_device_train_batch_size=4, gradient_checkpointing=True,
-                              gradient_checkpointing_kwargs={"use_reentrant": False}),
+        "checkpointing": dict(
+            per_device_train_batch_size=4,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        ),
         "accumulation": dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),
     }
     states = {}
@@ -236,11 +260,20 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_adapter(tiny_mode
 
 
 @pytest.mark.parametrize("scale, expected_factor", [("gradient", 1.0), ("update", 2.0)])
-def test_allora_scale_update_gives_eta_times_the_adam_step_at_B_zero(tiny_model_dir, qa_dataset, tmp_path, scale, expected_factor):
+def test_allora_scale_update_gives_eta_times_the_adam_step_at_B_zero(
+    tiny_model_dir, qa_dataset, tmp_path, scale, expected_factor
+):
     """Adam divides out a gradient factor; allora_scale='update' applies eta to the step instead (the extension)."""
     lr = 1e-3
-    args = make_args(tmp_path, max_steps=1, learning_rate=lr, lr_scheduler_type="constant", allora_scale=scale,
-                     weight_decay=0.0, optim="adamw_torch")
+    args = make_args(
+        tmp_path,
+        max_steps=1,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        allora_scale=scale,
+        weight_decay=0.0,
+        optim="adamw_torch",
+    )
     trainer = make_trainer(tiny_model_dir, qa_dataset, args)
     trainer.train()
     b_max = max(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n)
@@ -273,10 +306,19 @@ def test_update_scaling_also_drives_a_users_optimizer(tiny_model_dir, qa_dataset
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     args = make_args(tmp_path, max_steps=1, learning_rate=lr, lr_scheduler_type="constant", allora_scale="update")
-    trainer = ALLoRATrainer(model=model, args=args, train_dataset=qa_dataset, optimizers=(optimizer, None),
-                            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer = ALLoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=qa_dataset,
+        optimizers=(optimizer, None),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
     trainer.train()
-    assert trainer.optimizer.optimizer is optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer is optimizer
+    assert (
+        trainer.optimizer.optimizer is optimizer
+        if hasattr(trainer.optimizer, "optimizer")
+        else trainer.optimizer is optimizer
+    )
     b_max = max(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n)
     assert b_max == pytest.approx(2.0 * lr, rel=1e-3)  # eta * Adam's first step, not Adam's plain one
 
@@ -302,7 +344,9 @@ def test_non_finite_loss_stops_training_before_saving(tiny_model_dir, qa_dataset
 
 def test_misspelt_target_module_is_refused_naming_the_layers(tiny_model_dir, qa_dataset, tmp_path):
     with pytest.raises(ValueError, match="v_porj.*q_proj"):
-        make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=lora(target_modules=["q_proj", "v_porj"]))
+        make_trainer(
+            tiny_model_dir, qa_dataset, make_args(tmp_path), peft_config=lora(target_modules=["q_proj", "v_porj"])
+        )
     assert not (tmp_path / "out").exists()
 
 

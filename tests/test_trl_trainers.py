@@ -47,12 +47,22 @@ def char_reward(completions, **kwargs):
 CASES = {
     "dpo": ("DPOTrainer", "DPOConfig", preference_rows, dict(max_length=48), "causal", {}),
     "kto": ("KTOTrainer", "KTOConfig", kto_rows, dict(max_length=48), "causal", {}),
-    "grpo": ("GRPOTrainer", "GRPOConfig", prompt_rows,
-             dict(num_generations=2, max_completion_length=6, per_device_train_batch_size=2, generation_batch_size=4),
-             "causal", {"reward_funcs": char_reward}),
-    "rloo": ("RLOOTrainer", "RLOOConfig", prompt_rows,
-             dict(num_generations=2, max_completion_length=6, per_device_train_batch_size=2, generation_batch_size=4),
-             "causal", {"reward_funcs": char_reward}),
+    "grpo": (
+        "GRPOTrainer",
+        "GRPOConfig",
+        prompt_rows,
+        dict(num_generations=2, max_completion_length=6, per_device_train_batch_size=2, generation_batch_size=4),
+        "causal",
+        {"reward_funcs": char_reward},
+    ),
+    "rloo": (
+        "RLOOTrainer",
+        "RLOOConfig",
+        prompt_rows,
+        dict(num_generations=2, max_completion_length=6, per_device_train_batch_size=2, generation_batch_size=4),
+        "causal",
+        {"reward_funcs": char_reward},
+    ),
     "reward": ("RewardTrainer", "RewardConfig", preference_rows, dict(max_length=48), "seq_cls", {}),
 }
 ALLORA_NAMES = {"dpo": "DPO", "kto": "KTO", "grpo": "GRPO", "rloo": "RLOO", "reward": "Reward"}
@@ -68,7 +78,11 @@ class RecordBGrads(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         model = self.model if self.model is not None else model
         self.steps.append(
-            {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_B.default" in n and p.grad is not None}
+            {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if "lora_B.default" in n and p.grad is not None
+            }
         )
 
 
@@ -82,8 +96,13 @@ def load_base(tiny_model_dir, kind):
 
 
 def lora_config(kind):
-    return LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
-                      task_type="SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM")
+    return LoraConfig(
+        r=4,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        task_type="SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM",
+    )
 
 
 def config_values(tmp_path, overrides):

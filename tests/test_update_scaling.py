@@ -112,7 +112,9 @@ def test_adam_away_from_zero_scales_rows_by_their_coefficient():
     coefficients = {}
     for name, module in scaled.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            coefficients[name] = weight_coefficient(module.lora_A["default"].weight, module.lora_B["default"].weight, 2.0)
+            coefficients[name] = weight_coefficient(
+                module.lora_A["default"].weight, module.lora_B["default"].weight, 2.0
+            )
     before = {n: p.detach().clone() for n, p in lora_params(base).items()}
 
     # Reference: Adam on the *plain LoRA* gradient of B (take the ALLoRA gradient and divide c out by hand).
@@ -164,8 +166,9 @@ def test_trainable_non_lora_parameters_take_the_plain_step():
     bias = "base_model.model.down.base_layer.bias"
     assert plain[bias].abs().max() > 0
     torch.testing.assert_close(scaled[bias], plain[bias])
-    assert not torch.allclose(scaled["base_model.model.down.lora_B.default.weight"],
-                              plain["base_model.model.down.lora_B.default.weight"])
+    assert not torch.allclose(
+        scaled["base_model.model.down.lora_B.default.weight"], plain["base_model.model.down.lora_B.default.weight"]
+    )
 
 
 def test_errors_are_clear():

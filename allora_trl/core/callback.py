@@ -16,6 +16,7 @@ the finite-number guard and the checkpoint record are the same whichever framewo
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -75,8 +76,10 @@ class ALLoRACallback(TrainerCallback):
         if isinstance(metrics, dict) and "train" in metrics:  # TRL: averaged and cleared by its log()
             for key, value in stats.items():
                 metrics["train"][key] = [value]  # the last micro-batch of the logged update
-        elif callable(store):  # Axolotl: reduced over the steps since the last log
+        elif callable(store) and "reduction" in inspect.signature(store).parameters:  # Axolotl: (value, reduction)
             store({key: (value, STAT_REDUCTIONS.get(key, "mean")) for key, value in stats.items()}, train_eval="train")
+        elif callable(store):  # TRL's ORPO/CPO/BCO: plain floats, averaged at log time
+            store(dict(stats), train_eval="train")
         else:
             self.pending.update(stats)
 

@@ -103,9 +103,13 @@ def check_distributed_setup(args=None, accelerator=None, model=None) -> None:
         raise ValueError(
             "ALLoRA does not support FSDP1 (fsdp_version 1, which is accelerate's default when `fsdp_version` is not "
             "set): transformers wraps each trainable LoRA A/B matrix as its own FSDP1 unit, which is gathered only when "
-            "that matrix's own forward runs, so ALLoRA's layer would see sharded weights. Fix: " + FSDP2_CONFIG_HINT + "."
+            "that matrix's own forward runs, so ALLoRA's layer would see sharded weights. Fix: "
+            + FSDP2_CONFIG_HINT
+            + "."
         )
-    if getattr(args, "allora_scale", "gradient") == "update" and (fsdp is not None or _uses_deepspeed(args, accelerator)):
+    if getattr(args, "allora_scale", "gradient") == "update" and (
+        fsdp is not None or _uses_deepspeed(args, accelerator)
+    ):
         # update scaling rescales each process's step of whole A and B rows (core/update_scaling.py); FSDP and
         # DeepSpeed hand the optimizer flat or sharded partitions instead.
         raise ValueError(

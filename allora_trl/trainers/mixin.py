@@ -96,8 +96,13 @@ class ALLoRATrainerMixin:
         for name in adapters:
             # peft trains what matches and keeps a misspelt name silently: refuse it before any training
             check_target_modules(self.model, self.model.peft_config[name].target_modules, "target_modules")
-            apply_allora(self.model, eta=args.allora_eta, coefficient=args.allora_coefficient, adapter_name=name,
-                         scale=args.allora_scale)
+            apply_allora(
+                self.model,
+                eta=args.allora_eta,
+                coefficient=args.allora_coefficient,
+                adapter_name=name,
+                scale=args.allora_scale,
+            )
         self.allora_adapters = adapters
         self.update_scaling = None
         self.add_callback(ALLoRACallback(self))
@@ -124,8 +129,11 @@ class ALLoRATrainerMixin:
                     model.peft_config[name] = normalized
                     set_lora_scaling_one(model, name)  # before TRL copies it into a reference adapter
                 if changes:
-                    log.warning("%s set the peft model to ALLoRA's scaling 1 and no dropout: %s",
-                                type(self).__name__, "; ".join(changes))
+                    log.warning(
+                        "%s set the peft model to ALLoRA's scaling 1 and no dropout: %s",
+                        type(self).__name__,
+                        "; ".join(changes),
+                    )
                 return None
             log.info("%s: no peft_config given; using the default %s", type(self).__name__, default_lora_config())
             return default_lora_config()
@@ -133,8 +141,11 @@ class ALLoRATrainerMixin:
         if isinstance(model, torch.nn.Module):  # a model given by path is checked once TRL has loaded it
             check_target_modules(model, normalized.target_modules, "target_modules")
         if changes:
-            log.warning("%s changed the LoRA config to ALLoRA's scaling 1 and no dropout: %s",
-                        type(self).__name__, "; ".join(changes))
+            log.warning(
+                "%s changed the LoRA config to ALLoRA's scaling 1 and no dropout: %s",
+                type(self).__name__,
+                "; ".join(changes),
+            )
         return normalized
 
     # ----- optimizer -----------------------------------------------------------------------------------------------

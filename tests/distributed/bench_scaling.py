@@ -52,8 +52,15 @@ def main() -> None:
     world = dist.get_world_size() if distributed else 1
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=4096, max_position_embeddings=SEQ)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=4096,
+        max_position_embeddings=SEQ,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
     apply_allora(model)
     if args.mode == "fsdp2":

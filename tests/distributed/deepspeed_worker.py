@@ -18,11 +18,10 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from dist_common import GLOBAL_BATCH, build_model, local_batch, loss_on  # noqa: E402
 
 from allora_trl import set_allora_stats_recording  # noqa: E402
 from allora_trl.core.model import allora_variants  # noqa: E402
-
-from dist_common import GLOBAL_BATCH, build_model, local_batch, loss_on  # noqa: E402
 
 
 def main() -> None:
@@ -53,11 +52,15 @@ def main() -> None:
         set_allora_stats_recording(model, True)
         engine.backward(loss_on(engine, local_batch(step, rank, world)))
         layer_stats.append(
-            [[v.stats.values[k].item() for k in ("coefficient_min", "coefficient_max", "coefficient_sum")]
-             for v in allora_variants(model)]
+            [
+                [v.stats.values[k].item() for k in ("coefficient_min", "coefficient_max", "coefficient_sum")]
+                for v in allora_variants(model)
+            ]
         )
         engine.step()
-    lora = {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    lora = {
+        n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     if rank == 0:
         torch.save({"lora": lora, "layer_stats": layer_stats}, os.path.join(args.out, "result.pt"))
     dist.barrier()

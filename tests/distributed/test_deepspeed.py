@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_launch import torchrun
 from test_fsdp2 import OPTIMIZER, STEPS, WEIGHT_ATOL, assert_tensors_close, single_process
 

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_common import build_model, global_batch, lora_state, loss_on, make_optimizer
+from dist_launch import torchrun
 from safetensors.torch import load_file
 
 from allora_trl import collect_allora_stats, save_allora_adapter, set_allora_stats_recording
 from allora_trl.core.model import allora_variants
-
-from dist_common import build_model, global_batch, lora_state, loss_on, make_optimizer
-from dist_launch import torchrun
 
 STEPS = 4
 OPTIMIZER = "adamw"
@@ -91,7 +90,9 @@ def assert_same_adapter(actual_dir: Path, expected_dir: Path) -> None:
     for name in ("adapter_config.json", "allora_config.json"):
         assert read_config(actual_dir / name) == read_config(expected_dir / name), name
     assert_tensors_close(
-        load_file(actual_dir / "adapter_model.safetensors"), load_file(expected_dir / "adapter_model.safetensors"), WEIGHT_ATOL
+        load_file(actual_dir / "adapter_model.safetensors"),
+        load_file(expected_dir / "adapter_model.safetensors"),
+        WEIGHT_ATOL,
     )
 
 
@@ -125,7 +126,9 @@ def test_fsdp2_matches_single_process(fsdp2_run, reference):
 
 
 def test_ddp_matches_single_process(tmp_path, reference):
-    torchrun("torch_worker.py", "--mode", "ddp", "--optimizer", OPTIMIZER, "--steps", str(STEPS), "--out", str(tmp_path))
+    torchrun(
+        "torch_worker.py", "--mode", "ddp", "--optimizer", OPTIMIZER, "--steps", str(STEPS), "--out", str(tmp_path)
+    )
     expected, expected_adapter = reference
     check_against_reference(torch.load(tmp_path / "result.pt"), expected)
     assert_same_adapter(tmp_path / "adapter", expected_adapter)
@@ -138,7 +141,18 @@ def test_fsdp2_sharded_checkpoint_resumes_to_the_same_weights(tmp_path, fsdp2_ru
     half = str(STEPS // 2)
     common = ["--mode", "fsdp2", "--optimizer", OPTIMIZER]
     torchrun("torch_worker.py", *common, "--steps", half, "--save-checkpoint", str(ckpt), "--out", str(first))
-    torchrun("torch_worker.py", *common, "--first-step", half, "--steps", str(STEPS), "--resume", str(ckpt), "--out", str(second))
+    torchrun(
+        "torch_worker.py",
+        *common,
+        "--first-step",
+        half,
+        "--steps",
+        str(STEPS),
+        "--resume",
+        str(ckpt),
+        "--out",
+        str(second),
+    )
     resumed = torch.load(second / "result.pt")
     unbroken = torch.load(fsdp2_run / "result.pt")
     # Same sharded computation on both sides: the resumed run must reproduce the unbroken one to rounding.

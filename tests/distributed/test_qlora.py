@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_common import save_base
 from dist_launch import torchrun
 from test_fsdp2 import OPTIMIZER, STEPS, WEIGHT_ATOL, assert_tensors_close, single_process
@@ -31,8 +30,19 @@ def reference(qlora_base):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_qlora_matches_single_process(tmp_path, qlora_base, reference, mode):
-    torchrun("torch_worker.py", "--mode", mode, "--optimizer", OPTIMIZER, "--steps", str(STEPS),
-             "--qlora-dir", qlora_base, "--out", str(tmp_path))
+    torchrun(
+        "torch_worker.py",
+        "--mode",
+        mode,
+        "--optimizer",
+        OPTIMIZER,
+        "--steps",
+        str(STEPS),
+        "--qlora-dir",
+        qlora_base,
+        "--out",
+        str(tmp_path),
+    )
     result = torch.load(tmp_path / "result.pt")
     assert result["ranks_agree"]
     for got, want in zip(result["layer_stats"], reference["layer_stats"], strict=True):

@@ -14,10 +14,9 @@ import yaml
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
+from dist_common import build_model
 
 from allora_trl.core.distributed import check_distributed_setup
-
-from dist_common import build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "example_configs" / "accelerate"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -32,7 +31,14 @@ def launch_env(config_file: Path) -> tuple[SimpleNamespace, dict]:
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_AUTO_WRAP_POLICY", "FSDP_MIN_NUM_PARAMS", "FSDP_STATE_DICT_TYPE", "WORLD_SIZE"):
+    for key in (
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "FSDP_AUTO_WRAP_POLICY",
+        "FSDP_MIN_NUM_PARAMS",
+        "FSDP_STATE_DICT_TYPE",
+        "WORLD_SIZE",
+    ):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -80,8 +86,9 @@ def test_fsdp1_from_training_arguments_or_accelerator_is_rejected(clean_env):
     args = ALLoRAConfig(output_dir="unused", fsdp=True, fsdp_config={"version": 1}, report_to="none")
     with pytest.raises(ValueError, match="FSDP1"):
         check_distributed_setup(args)
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=1)),
-                                  num_processes=2)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=1)), num_processes=2
+    )
     with pytest.raises(ValueError, match="FSDP1"):
         check_distributed_setup(None, accelerator)
     # FSDP2 (transformers' default version) and no FSDP at all are accepted
@@ -94,7 +101,9 @@ def test_fsdp2_size_based_wrap_that_would_shard_lora_matrices_alone_is_rejected(
 
     def accelerator(min_num_params):
         plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="SIZE_BASED_WRAP", min_num_params=min_num_params,
+            fsdp_version=2,
+            auto_wrap_policy="SIZE_BASED_WRAP",
+            min_num_params=min_num_params,
             state_dict_type="FULL_STATE_DICT",  # accelerate's FSDP2 default (sharded) is rejected on its own
         )
         return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), num_processes=2)

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dist_launch import accelerate_launch, run_checked
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 DDP_CONFIG = REPO / "example_configs" / "accelerate" / "ddp.yaml"
@@ -44,7 +43,12 @@ def job_config(tmp_path: Path, model_dir: str) -> Path:
     data = tmp_path / "qa.jsonl"
     data.write_text(
         "".join(
-            json.dumps({"prompt": f"Question: What colour is the {things[i % 4]}?\nAnswer:", "completion": f" {colours[i % 4]}"})
+            json.dumps(
+                {
+                    "prompt": f"Question: What colour is the {things[i % 4]}?\nAnswer:",
+                    "completion": f" {colours[i % 4]}",
+                }
+            )
             + "\n"
             for i in range(64)
         )
@@ -86,11 +90,37 @@ def logged(run: Path) -> list[dict]:
 def test_accelerate_ddp_matches_single_process(tmp_path, tiny_model_dir):
     config = job_config(tmp_path, tiny_model_dir)
     one, ddp = tmp_path / "one", tmp_path / "ddp"
-    run_checked([sys.executable, "-m", "allora_trl.cli", "train", "--config", str(config), "--output_dir", str(one),
-                 "--per_device_train_batch_size", "8"])
-    accelerate_launch("--config_file", str(DDP_CONFIG), "--num_processes", "2", "--mixed_precision", "no",
-                      "-m", "allora_trl.cli", "train", "--config", str(config), "--output_dir", str(ddp),
-                      "--per_device_train_batch_size", "4")
+    run_checked(
+        [
+            sys.executable,
+            "-m",
+            "allora_trl.cli",
+            "train",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(one),
+            "--per_device_train_batch_size",
+            "8",
+        ]
+    )
+    accelerate_launch(
+        "--config_file",
+        str(DDP_CONFIG),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "allora_trl.cli",
+        "train",
+        "--config",
+        str(config),
+        "--output_dir",
+        str(ddp),
+        "--per_device_train_batch_size",
+        "4",
+    )
 
     expected, actual = load_file(one / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
     assert sorted(actual) == sorted(expected) and len(expected) == 28  # 7 linear layers x 2 layers x (A, B)

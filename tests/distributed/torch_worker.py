@@ -18,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from dist_common import build_model, local_batch, lora_state, loss_on, make_optimizer
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,8 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from allora_trl import collect_allora_stats, save_allora_adapter, set_allora_stats_recording
 from allora_trl.core.model import allora_variants
-
-from dist_common import build_model, local_batch, lora_state, loss_on, make_optimizer
 
 
 def layer_stats(model) -> list[list[float]]:
