@@ -71,11 +71,23 @@ PAPER = "arXiv:2410.09692"
 _VERSION_0_KEYS = {"eta", "coefficient", "paper"}
 
 
-def _validate_scale(scale: str, field_name: str) -> str:
+def validate_settings(eta, coefficient: str, scale: str, prefix: str = "") -> float:
+    """Check ALLoRA's three settings together, naming each field as ``prefix + name``; return eta as a float.
+
+    The one check behind both ``ALLoRASettings`` (``eta``...) and the trainer configs (``allora_eta``...).
+    """
     # update_scaling imports this module (for iter_lora_layers), so its validator is imported when first needed.
     from .update_scaling import validate_scale
 
-    return validate_scale(scale, field_name)
+    eta = validate_eta(eta, f"{prefix}eta")
+    validate_coefficient(coefficient, f"{prefix}coefficient")
+    validate_scale(scale, f"{prefix}scale")
+    if scale == "update" and coefficient != "weight":
+        raise ValueError(
+            f"`{prefix}scale='update'` needs `{prefix}coefficient='weight'`: a per-token coefficient cannot be moved "
+            f"from the gradient to the update. Set {prefix}coefficient='weight' or {prefix}scale='gradient'."
+        )
+    return eta
 
 
 @dataclass(frozen=True)
@@ -92,14 +104,7 @@ class ALLoRASettings:
     paper: str = PAPER
 
     def __post_init__(self):
-        object.__setattr__(self, "eta", validate_eta(self.eta, "eta"))
-        validate_coefficient(self.coefficient, "coefficient")
-        _validate_scale(self.scale, "scale")
-        if self.scale == "update" and self.coefficient != "weight":
-            raise ValueError(
-                "`scale='update'` needs `coefficient='weight'`: a per-token coefficient cannot be moved from the "
-                "gradient to the update. Use coefficient='weight' or scale='gradient'."
-            )
+        object.__setattr__(self, "eta", validate_settings(self.eta, self.coefficient, self.scale))
 
     def to_json_dict(self) -> dict:
         """The ``allora_config.json`` content: the settings plus ``format_version``."""
@@ -312,14 +317,12 @@ def apply_allora(
         _BNB_NOTICE.release()  # the held bitsandbytes 4-bit kernel warning concerns this model
     for name in adapters:
         peft_configs[name], _ = normalize_lora_config(peft_configs[name])
+    for name in adapters:
+        set_lora_scaling_one(model, name)
     for _, layer in layers:
         for name in adapters:
-            if name not in layer.lora_A:
-                continue
-            layer.scaling[name] = 1.0
-            layer.lora_alpha[name] = layer.r[name]
-            layer.lora_dropout[name] = torch.nn.Identity()
-            layer.lora_variant[name] = ALLoRALinearVariant(eta=eta, coefficient=coefficient, scale=scale)
+            if name in layer.lora_A:
+                layer.lora_variant[name] = ALLoRALinearVariant(eta=eta, coefficient=coefficient, scale=scale)
     return model
 
 

@@ -8,9 +8,9 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from ..core.gradient import COEFFICIENTS, validate_coefficient, validate_eta
-from ..core.model import DEFAULT_COEFFICIENT, DEFAULT_ETA
-from ..core.update_scaling import SCALES, validate_scale
+from ..core.gradient import COEFFICIENTS
+from ..core.model import DEFAULT_COEFFICIENT, DEFAULT_ETA, validate_settings
+from ..core.update_scaling import SCALES
 
 
 def accelerator_available() -> bool:
@@ -85,14 +85,7 @@ class ALLoRAArguments:
                 "ALLoRA does not support `use_vllm=True` yet (generation in vLLM is untested with ALLoRA adapters). "
                 "Set use_vllm=False: completions are then generated with transformers, through peft's forward."
             )
-        self.allora_eta = validate_eta(self.allora_eta, "allora_eta")
-        validate_coefficient(self.allora_coefficient, "allora_coefficient")
-        validate_scale(self.allora_scale, "allora_scale")
-        if self.allora_scale == "update" and self.allora_coefficient != "weight":
-            raise ValueError(
-                "`allora_scale='update'` needs `allora_coefficient='weight'`: a per-token coefficient cannot be moved "
-                "from the gradient to the update. Set allora_coefficient='weight' or allora_scale='gradient'."
-            )
+        self.allora_eta = validate_settings(self.allora_eta, self.allora_coefficient, self.allora_scale, "allora_")
         on_accelerator = accelerator_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = on_accelerator and not self.fp16
