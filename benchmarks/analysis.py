@@ -64,6 +64,12 @@ def _coefficient_summary(rs) -> dict | None:
     return out
 
 
+def _loss_verdict(seeds: dict, examples: dict) -> str:
+    if inside_noise(seeds, examples):
+        return "inside the noise"
+    return "lower loss" if seeds["mean"] < 0 else "higher loss"
+
+
 def analyse(plan, runs: dict) -> dict:
     """Selection, the reported methods (mean and intervals over seeds and over questions / examples), the paired
     comparisons, the optimizer study and the reference row, from the finished runs."""
@@ -106,6 +112,9 @@ def analyse(plan, runs: dict) -> dict:
                 "examples": example_bootstrap_mean(per_example[t] for t in tasks),
                 "n_examples": {t: rs[0]["answer_loss"]["tasks"][t]["n"] for t in tasks},
                 "by_seed": {r["spec"]["seed"]: r["answer_loss"]["mean"] for r in rs},
+                "by_seed_task": {
+                    t: {r["spec"]["seed"]: r["answer_loss"]["tasks"][t]["nll"] for r in rs} for t in tasks
+                },
                 "per_example": per_example,
             }
             main[m]["coefficient"] = _coefficient_summary(rs)
@@ -137,13 +146,24 @@ def analyse(plan, runs: dict) -> dict:
                     for t in tasks
                 ]
             )
-            out["loss"] = {
-                "seeds": loss_seeds,
-                "examples": examples,
-                "verdict": "inside the noise"
-                if inside_noise(loss_seeds, examples)
-                else ("lower loss" if loss_seeds["mean"] < 0 else "higher loss"),
-            }
+            out["loss"] = {"seeds": loss_seeds, "examples": examples, "verdict": _loss_verdict(loss_seeds, examples)}
+            # per task as well: one task can carry (or hide) the whole average difference
+            out["loss"]["tasks"] = {}
+            for t in tasks:
+                task_seeds = paired_diff_ci(main[a]["loss"]["by_seed_task"][t], main[b]["loss"]["by_seed_task"][t])
+                task_examples = question_bootstrap_diff(
+                    [
+                        (
+                            [main[a]["loss"]["per_example"][t][i] for i in idx_a],
+                            [main[b]["loss"]["per_example"][t][i] for i in idx_b],
+                        )
+                    ]
+                )
+                out["loss"]["tasks"][t] = {
+                    "seeds": task_seeds,
+                    "examples": task_examples,
+                    "verdict": _loss_verdict(task_seeds, task_examples),
+                }
         return out
 
     comparisons = []

@@ -68,13 +68,14 @@ def _nats(stats, digits=4):
 
 def _sessions_line(sessions: list[dict]) -> str:
     """The sessions a resumed run took (``OUT/sessions.jsonl``): when each started, from which commit, its wall time."""
-    parts, current = [], None
+    parts, open_by_pid = [], {}  # pid -> index in parts of that process's start (older files have no pid)
     for event in sessions:
         if event.get("event") == "start":
-            current = f"{event['utc']} from `{event.get('commit') or '?'}`"
-            parts.append(current)
+            parts.append(f"{event['utc']} from `{event.get('commit') or '?'}`")
+            open_by_pid[event.get("pid")] = len(parts) - 1
         elif event.get("event") == "end" and parts:
-            parts[-1] += f" ({event['wall_s'] / 60:.0f} min to the end)"
+            index = open_by_pid.pop(event.get("pid"), len(parts) - 1)
+            parts[index] += f" ({event['wall_s'] / 60:.0f} min to the end)"
     return f"* Sessions ({len(parts)}, `OUT/sessions.jsonl`; a session without an end was stopped and resumed): " + (
         "; ".join(parts) + "."
     )
@@ -627,6 +628,22 @@ def _loss_comparisons(analysis) -> list[str]:
             "",
             f"What this resolves: the intervals' half-widths run from {min(widths):.4f} to "
             f"{max(widths):.4f} nats; a difference larger than both half-widths of its row is resolved.",
+        ]
+    per_task = [(c, t, d) for c in comps for t, d in c["loss"].get("tasks", {}).items()]
+    if per_task:
+        lines += [
+            "",
+            f"Per task (the same comparisons on each task's examples alone; {len(per_task)} verdicts at 95% each, "
+            f"not corrected for multiple comparisons, so about {len(per_task) / 20:.1f} of them can differ from 0 by "
+            "chance alone):",
+            "",
+            "| comparison | task | difference | 95% CI over seeds | 95% CI over examples | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{c['a']}` - `{c['b']}` | {t} | {d['seeds']['mean']:+.4f} | {_raw_interval(d['seeds'], 4)} | "
+            f"{_raw_interval(d['examples'], 4)} | {d['verdict']} |"
+            for c, t, d in per_task
         ]
     return lines + [""]
 

@@ -186,6 +186,9 @@ def make_plan(mode: str, **overrides) -> Plan:
     values["tasks"] = [resolve_task(t) for t in values["tasks"]]
     for name in values["methods"]:
         get_method(name)
+    for name in values["cost_methods"]:
+        if get_method(name).loraplus_ratio:
+            raise ValueError(f"cost methods: {name} has two LRs (LoRA+); the cost phase gives each adapter one AdamW")
     if values.get("select_by", "acc") not in ("acc", "loss"):
         raise ValueError(f"select_by must be 'acc' or 'loss', got {values['select_by']!r}")
     if values.get("select_by") == "loss" and not values.get("loss_limit"):

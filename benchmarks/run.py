@@ -70,6 +70,7 @@ def plan_from_args(args) -> Plan:
         "report_limit": args.report_limit,
         "sgd_lr": args.sgd_lr,
         "cost_rounds": args.cost_rounds,
+        "cost_methods": _list(args.cost_methods),
         "optim_seeds": _ints(args.optim_seeds),
         "optim_regimes": _list(args.optim_regimes),
         "warmup_steps": args.warmup_steps,
@@ -143,10 +144,27 @@ def execute(
     return data
 
 
+# What a run may narrow down and still belong to the plan recorded in OUT/plan.json (e.g. `--methods dora` on a
+# second core while the first runs the other methods): the rest of the plan must be the recorded one.
+SUBSET_FIELDS = ("methods", "lr_grids", "lr_shared", "seeds", "cost_methods")
+
+
+def is_part_of_recorded_plan(out_dir: Path, plan: Plan) -> bool:
+    """True if ``OUT/plan.json`` holds a plan of which ``plan`` runs a part (fewer methods or seeds, else equal),
+    so that the recorded plan is kept rather than overwritten by the part."""
+    path = Path(out_dir) / "plan.json"
+    if not path.is_file():
+        return False
+    recorded, new = json.loads(path.read_text()), json.loads(json.dumps(asdict(plan)))
+    same_rest = all(recorded.get(k) == v for k, v in new.items() if k not in SUBSET_FIELDS)
+    return same_rest and all(set(new[k]) <= set(recorded.get(k) or ()) for k in SUBSET_FIELDS)
+
+
 def log_session(out_dir: Path, **fields) -> None:
     """Append one JSON line to ``OUT/sessions.jsonl``: a run resumed over several sessions keeps each session's
-    command, commit, start and (when it got to the end) wall time."""
-    fields = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    command, commit, start and (when it got to the end) wall time. ``pid`` pairs a session's end with its start
+    when two processes share the folder."""
+    fields = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(), **fields}
     with open(Path(out_dir) / "sessions.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(fields) + "\n")
 
@@ -156,7 +174,8 @@ def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks", "allora_trl"],
+            # the code, not the results folders a running benchmark writes itself
+            ["git", "status", "--porcelain", "--", "benchmarks", "allora_trl", ":!benchmarks/results-*"],
             capture_output=True,
             text=True,
             check=True,
@@ -289,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     parser.add_argument("--cost-rounds", type=int, help="interleaved rounds of the cost measurement")
     parser.add_argument(
+        "--cost-methods",
+        help="comma-separated methods timed in the cost phase (ALLoRA-0, the reference, is always added; "
+        "default: the mode's list)",
+    )
+    parser.add_argument(
         "--threads",
         default="auto",
         help="torch threads: a number, or 'auto' (default): one thread per core on an idle machine, "
@@ -374,7 +398,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
+    if not is_part_of_recorded_plan(out_dir, plan):
+        (out_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
     started = time.time()
     commit = git_commit()
     log_session(out_dir, event="start", command=command, commit=commit, device=plan.device, threads=threads)

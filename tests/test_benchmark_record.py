@@ -57,3 +57,25 @@ def test_committed_runs_are_found_by_the_current_plan(folder):
     assert set(runs) <= set(specs), f"runs the plan does not ask for: {sorted(set(runs) - set(specs))}"
     for run_id in runs:
         assert load_result(folder, specs[run_id]) is not None, run_id
+
+
+@pytest.mark.skipif(not (LONG / "report.md").is_file(), reason="no long-mode report recorded")
+def test_long_report_matches_its_runs(tmp_path):
+    """The committed long-run report is what its committed runs say, and its per-task loss differences add up."""
+    from benchmarks.analysis import analyse, load_plan, load_runs
+    from benchmarks.report import write_report
+
+    out = tmp_path / "results"
+    shutil.copytree(LONG, out)
+    docs = out / "report.md"  # beside the runs, as committed: the plots' links stay the same
+    write_report(out, docs)
+    assert _numbers_part(docs.read_text()) == _numbers_part((LONG / "report.md").read_text())
+
+    plan = load_plan(LONG)
+    for comparison in analyse(plan, load_runs(LONG))["comparisons"]:
+        loss = comparison.get("loss")
+        if not loss or len(loss["seeds"].get("seeds", [])) < 2:
+            continue
+        # the average loss is the mean of the task losses, so the per-task differences average to the overall one
+        per_task = [loss["tasks"][t]["seeds"]["mean"] for t in plan.tasks]
+        assert sum(per_task) / len(per_task) == pytest.approx(loss["seeds"]["mean"], abs=1e-9)

@@ -52,6 +52,24 @@ def test_plans_and_grids():
     assert main(["--mode", "long", "--dry-run", "--out", os.devnull + "-unused"]) == 0
     with pytest.raises(SystemExit):
         main(["--mode", "quick", "--methods", "nope", "--dry-run"])
+    for bad in ("nope", "loraplus"):  # unknown, and two learning rates: the cost phase has one AdamW per adapter
+        with pytest.raises(SystemExit):
+            main(["--mode", "quick", "--cost-methods", bad, "--dry-run"])
+
+
+def test_a_run_of_part_of_the_plan_keeps_the_recorded_plan(tmp_path):
+    """`--methods dora` on a second core must not replace OUT/plan.json (the record) by its one-method plan."""
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.plan import make_plan
+    from benchmarks.run import is_part_of_recorded_plan
+
+    assert not is_part_of_recorded_plan(tmp_path, make_plan("long"))  # nothing recorded yet
+    (tmp_path / "plan.json").write_text(json.dumps(asdict(make_plan("long"))))
+    assert is_part_of_recorded_plan(tmp_path, make_plan("long", methods=["dora"], seeds=[3]))
+    assert not is_part_of_recorded_plan(tmp_path, make_plan("long", steps=100))  # another plan: it is recorded
+    assert not is_part_of_recorded_plan(tmp_path, make_plan("long", methods=["rslora"]))  # a method beyond it
 
 
 def test_long_preset_is_what_the_issue_asks():
