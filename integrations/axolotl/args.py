@@ -12,11 +12,13 @@ supported with it, each with a message that names the field and the fix. With an
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from allora_trl.core.gradient import COEFFICIENTS, validate_coefficient, validate_eta
+from allora_trl.core.model import ALLORA_CONFIG_NAME, DEFAULT_SCALE, read_allora_config
 
 LOG = logging.getLogger(__name__)
 
@@ -31,19 +33,17 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False
 
 
-# `rl:` modes trained with adapter: allora. dpo and kto are trained end to end in tests/axolotl; ipo is dpo's trainer
-# with another loss. Each refused mode maps to why, for the validation message.
-SUPPORTED_RL = ("dpo", "ipo", "kto")
+# `rl:` modes trained with adapter: allora. dpo, kto and simpo (TRL's CPO trainer with the SimPO loss) are trained
+# end to end in tests/axolotl; ipo is dpo's trainer with another loss. Each refused mode maps to why, for the
+# validation message.
+SUPPORTED_RL = ("dpo", "ipo", "kto", "simpo")
 _REFUSED_RL = {
     "grpo": "Axolotl's GRPO trainers generate completions during training (usually through vLLM on a GPU), a path "
     "not verified with ALLoRA",
     "gdpo": "it runs Axolotl's GRPO trainer, which generates completions during training (usually through vLLM on a "
     "GPU), a path not verified with ALLoRA",
     "ebft": "Axolotl's EBFT trainer generates completions during training, a path not verified with ALLoRA",
-    "orpo": "TRL's ORPO trainer keeps its own metric store (`store_metrics` with plain floats), which ALLoRA's "
-    "statistics callback does not feed yet",
-    "simpo": "it runs TRL's CPO trainer, whose metric store (`store_metrics` with plain floats) ALLoRA's statistics "
-    "callback does not feed yet",
+    "orpo": "Axolotl's ORPO runs its own dataset pipeline and TRL's ORPO trainer, a path not verified with ALLoRA",
 }
 
 
@@ -131,13 +131,44 @@ def _fill_quantization(data: dict) -> list[str]:
 def _check_rl(data: dict) -> list[str]:
     rl = data.get("rl")
     rl = getattr(rl, "value", rl)  # an RLType enum when the config was validated before
+    if rl == "simpo" and data.get("simpo_gamma") is None:
+        # Axolotl 0.19 passes simpo_gamma=None on to TRL's CPO trainer, which fails at the first step (None / beta)
+        return ["`rl: simpo` needs `simpo_gamma` (SimPO's target reward margin, e.g. `simpo_gamma: 0.5`)."]
     if not rl or rl in SUPPORTED_RL:
         return []
     reason = _REFUSED_RL.get(str(rl), "it is not verified with ALLoRA")
     return [
-        f"`rl: {rl}` is not supported with adapter: allora ({reason}). Use `rl: dpo` (or ipo / kto) with "
+        f"`rl: {rl}` is not supported with adapter: allora ({reason}). Use `rl: dpo` (or ipo / kto / simpo) with "
         f"adapter: allora, or `adapter: lora` for `rl: {rl}`."
     ]
+
+
+def _check_scale(data: dict) -> list[str]:
+    """The plugin trains the paper's rule only: ``allora_scale: update`` needs the optimizer hooks of allora-trl's
+    TRL trainers. Refused in the YAML and in an adapter to be continued (``lora_model_dir``), never dropped."""
+    problems = []
+    scale = data.get("allora_scale")
+    if scale is not None and scale != DEFAULT_SCALE:
+        problems.append(
+            f"`allora_scale: {scale}` is not supported by the Axolotl plugin, which trains the paper's rule "
+            f"(`{DEFAULT_SCALE}`). Remove `allora_scale`, or train with allora-trl's `ALLoRATrainer` "
+            f"(`ALLoRAConfig(allora_scale={scale!r})`)."
+        )
+    model_dir = data.get("lora_model_dir")
+    if model_dir and os.path.isfile(os.path.join(str(model_dir), ALLORA_CONFIG_NAME)):
+        try:
+            saved = read_allora_config(model_dir)
+        except ValueError as exc:
+            problems.append(f"`lora_model_dir`: {exc}")
+        else:
+            if saved.scale != DEFAULT_SCALE:
+                problems.append(
+                    f"`lora_model_dir` holds an adapter trained with allora_scale={saved.scale!r} (its "
+                    f"{ALLORA_CONFIG_NAME}); the Axolotl plugin trains with `{DEFAULT_SCALE}` only, so continuing it "
+                    "here would change its rule. Continue it with allora-trl's `ALLoRATrainer`, or start a new "
+                    "adapter (remove `lora_model_dir`)."
+                )
+    return problems
 
 
 def check_allora_config(data: dict) -> dict:
@@ -203,6 +234,7 @@ def check_allora_config(data: dict) -> dict:
         )
     problems.extend(_fill_quantization(data))
     problems.extend(_check_rl(data))
+    problems.extend(_check_scale(data))
     if data.get("lora_target_parameters"):
         problems.append(
             "`lora_target_parameters` is not supported with adapter: allora (ALLoRA is implemented for LoRA on "

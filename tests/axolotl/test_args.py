@@ -78,7 +78,6 @@ def test_explicit_matching_values_accepted():
         ({"rl": "gdpo"}, "rl: gdpo"),
         ({"rl": "ebft"}, "rl: ebft"),
         ({"rl": "orpo"}, "rl: orpo"),
-        ({"rl": "simpo"}, "rl: simpo"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
         ({"lora_target_parameters": ["experts.gate_up_proj"]}, "lora_target_parameters"),
         ({"lora_rank_pattern": {"q_proj": 4}, "lora_alpha_pattern": {"q_proj": 8}}, "lora_alpha_pattern"),
@@ -90,6 +89,7 @@ def test_explicit_matching_values_accepted():
         ({"allora_eta": "big"}, "allora_eta"),
         ({"allora_eta": True}, "allora_eta"),
         ({"allora_coefficient": "row"}, "allora_coefficient"),
+        ({"allora_scale": "update"}, "allora_scale: update"),
     ],
 )
 def test_rejections_name_the_field(overrides, field):
@@ -125,8 +125,10 @@ def test_quantisation_fill_is_idempotent():
 
 
 def test_rl_modes():
-    for rl in ("dpo", "ipo", "kto"):
-        assert check_allora_config({"adapter": "allora", "lora_r": 8, "rl": rl})["rl"] == rl
+    for rl in ("dpo", "ipo", "kto", "simpo"):
+        assert check_allora_config({"adapter": "allora", "lora_r": 8, "rl": rl, "simpo_gamma": 0.5})["rl"] == rl
+    with pytest.raises(ValueError, match="`simpo_gamma`"):  # else TRL's CPO trainer fails at its first step
+        check_allora_config({"adapter": "allora", "lora_r": 8, "rl": "simpo"})
     with pytest.raises(ValueError, match=r"`rl: grpo`.*`adapter: lora` for `rl: grpo`"):
         check_allora_config({"adapter": "allora", "lora_r": 8, "rl": "grpo"})
 
@@ -136,3 +138,18 @@ def test_all_problems_reported_at_once():
         ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1})
     message = str(info.value)
     assert "`lora_alpha`" in message and "`lora_dropout`" in message
+
+
+def test_an_adapter_trained_with_update_scaling_is_not_continued_silently(tmp_path):
+    """allora_scale="update" (saved by the TRL trainers) cannot take effect in Axolotl: refused, naming the file."""
+    from allora_trl.core.model import ALLoRASettings, save_allora_config
+
+    save_allora_config(ALLoRASettings(scale="update"), tmp_path)
+    with pytest.raises(ValidationError) as info:
+        ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_model_dir": str(tmp_path)})
+    assert "`lora_model_dir`" in str(info.value) and "allora_scale='update'" in str(info.value)
+    save_allora_config(ALLoRASettings(), tmp_path)  # the paper's rule continues as before
+    ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_model_dir": str(tmp_path)})
+    (tmp_path / "allora_config.json").write_text("{not json")
+    with pytest.raises(ValidationError, match="lora_model_dir"):
+        ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_model_dir": str(tmp_path)})
