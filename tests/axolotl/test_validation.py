@@ -69,7 +69,7 @@ def test_other_adapter_unchanged_by_plugin(load_axolotl_cfg):
         ),
         ({"rl": "grpo"}, "rl: grpo", "`adapter: lora` for `rl: grpo`"),
         ({"rl": "orpo"}, "rl: orpo", "`adapter: lora` for `rl: orpo`"),
-        ({"rl": "simpo"}, "rl: simpo", "`adapter: lora` for `rl: simpo`"),
+        ({"rl": "simpo"}, "rl: simpo", "`simpo_gamma: 0.5`"),
         ({"lora_mlp_kernel": True}, "lora_mlp_kernel", "lora_mlp_kernel: false"),
     ],
 )
