@@ -221,7 +221,8 @@ def test_quick_mode_end_to_end(tmp_path, tiny_model_dir):
     assert "| `lora` | 0.0002 |" in text and "| `allora_eta2_4` | 0.0002 |" in text
     assert "| before fine-tuning |" in text
     loss_rows = [line for line in text.splitlines() if line.startswith("| `allora_eta2_4` - `lora` | ")]
-    assert len(loss_rows) == 2  # accuracy and held-out loss
+    assert len(loss_rows) == 3  # accuracy, held-out loss, and held-out loss on each task (one here)
+    assert loss_rows[2].startswith("| `allora_eta2_4` - `lora` | arc_easy | ")
     low, high = (float(x) for x in re.search(r"\[([-+.\d]+), ([-+.\d]+)\] \| 1 \|", loss_rows[1]).groups())
     assert low < high  # a real interval over examples, from one seed
     assert "### Held-out answer loss" in text and "95% CI over examples" in text
