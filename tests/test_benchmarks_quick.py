@@ -247,3 +247,11 @@ def test_quick_mode_end_to_end(tmp_path, tiny_model_dir):
     again = subprocess.run(command + ["--no-cost"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("skip (finished)") == len(runs)
+
+
+def test_launch_bound_benchmark_runs(capsys):
+    from benchmarks.launch_bound import main
+
+    args = ["--device", "cpu", "--layers", "2", "--rounds", "2", "--steps", "2", "--no-compile"]
+    assert main(args) == 0
+    assert "eager" in capsys.readouterr().out
