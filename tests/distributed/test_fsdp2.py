@@ -3,7 +3,7 @@
 Two CPU processes (gloo), started by ``torchrun``, each train on half of every fixed global batch; one process
 (this pytest process) trains on the whole batch. Compared:
 
-* the coefficient statistics each ALLoRA layer recorded inside its own backward (min/max/sum per layer, per
+* the coefficient statistics each ALLoRA layer recorded in its own forward (min/max/sum per layer, per
   step): they match, and all ranks recorded the same ones, so every layer saw its full, all-gathered A and B;
 * the first step's full gradients (atol 1e-6) and the LoRA weights after 4 AdamW steps (atol 1e-5, fp32; the
   observed difference is 6.2e-7: reduction order only);

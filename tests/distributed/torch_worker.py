@@ -3,8 +3,8 @@
 Each process builds the same tiny ALLoRA model, wraps it the way accelerate does for ``fsdp_version: 2`` with
 transformer-layer auto-wrap (``fully_shard`` on every decoder layer, then on the root) or with torch DDP, trains on
 its half of each fixed global batch and writes, on rank 0, what the test compares with one process: the
-coefficient statistics each LoRA layer recorded inside its own backward, the first step's full gradients, the
-final LoRA weights, and the adapter exported as a plain peft LoRA adapter.
+coefficient statistics each LoRA layer recorded in its own forward pass (the coefficient its backward then
+applies), the first step's full gradients, the final LoRA weights, and the adapter exported as a plain peft LoRA adapter.
 
 ``--save-checkpoint`` / ``--resume`` write / read a sharded torch.distributed.checkpoint (DCP) of the LoRA weights
 and optimizer state, so the test can show that a run resumed from a sharded checkpoint equals an unbroken one.
@@ -34,7 +34,8 @@ from allora_trl.core.model import allora_variants
 
 
 def layer_stats(model) -> list[list[float]]:
-    """Per-layer [min, max, sum] of the coefficient each ALLoRA layer used in its last backward."""
+    """Per-layer [min, max, sum] of the coefficient each ALLoRA layer recorded in its last forward (the one its
+    backward applied)."""
     return [
         [v.stats.values[k].item() for k in ("coefficient_min", "coefficient_max", "coefficient_sum")]
         for v in allora_variants(model)
