@@ -137,28 +137,20 @@ def analyse(plan, runs: dict) -> dict:
         out = {"a": a, "b": b, "seeds": seeds, "questions": questions, "verdict": verdict}
         if "loss" in main[a] and "loss" in main[b]:
             loss_seeds = paired_diff_ci(main[a]["loss"]["by_seed"], main[b]["loss"]["by_seed"])
-            examples = question_bootstrap_diff(
-                [
-                    (
-                        [main[a]["loss"]["per_example"][t][i] for i in idx_a],
-                        [main[b]["loss"]["per_example"][t][i] for i in idx_b],
-                    )
-                    for t in tasks
-                ]
-            )
+            pairs = {  # per task: each common seed's per-example losses of a and of b
+                t: (
+                    [main[a]["loss"]["per_example"][t][i] for i in idx_a],
+                    [main[b]["loss"]["per_example"][t][i] for i in idx_b],
+                )
+                for t in tasks
+            }
+            examples = question_bootstrap_diff(list(pairs.values()))
             out["loss"] = {"seeds": loss_seeds, "examples": examples, "verdict": _loss_verdict(loss_seeds, examples)}
             # per task as well: one task can carry (or hide) the whole average difference
             out["loss"]["tasks"] = {}
             for t in tasks:
                 task_seeds = paired_diff_ci(main[a]["loss"]["by_seed_task"][t], main[b]["loss"]["by_seed_task"][t])
-                task_examples = question_bootstrap_diff(
-                    [
-                        (
-                            [main[a]["loss"]["per_example"][t][i] for i in idx_a],
-                            [main[b]["loss"]["per_example"][t][i] for i in idx_b],
-                        )
-                    ]
-                )
+                task_examples = question_bootstrap_diff([pairs[t]])
                 out["loss"]["tasks"][t] = {
                     "seeds": task_seeds,
                     "examples": task_examples,

@@ -68,3 +68,18 @@ def qa_dataset():
     from datasets import Dataset
 
     return Dataset.from_list(qa_records(64))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """``monkeypatch`` with accelerate's FSDP launch variables and WORLD_SIZE removed, for the start-up checks."""
+    for key in (
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "FSDP_AUTO_WRAP_POLICY",
+        "FSDP_MIN_NUM_PARAMS",
+        "FSDP_STATE_DICT_TYPE",
+        "WORLD_SIZE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch

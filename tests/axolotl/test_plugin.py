@@ -192,20 +192,6 @@ def test_checkpoint_gets_allora_config(allora_model, tmp_path):
     assert saved["eta"] == 2.0 and saved["coefficient"] == "weight"
 
 
-@pytest.fixture()
-def clean_env(monkeypatch):
-    for key in (
-        "ACCELERATE_USE_FSDP",
-        "FSDP_VERSION",
-        "FSDP_AUTO_WRAP_POLICY",
-        "FSDP_MIN_NUM_PARAMS",
-        "FSDP_STATE_DICT_TYPE",
-        "WORLD_SIZE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
-
-
 def _accelerator_with_fsdp(version: int):
     plugin = SimpleNamespace(
         fsdp_version=version,

@@ -29,20 +29,6 @@ def launch_env(config_file: Path) -> tuple[SimpleNamespace, dict]:
     return args, ({} if args.use_deepspeed else prepare_multi_gpu_env(args))
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    for key in (
-        "ACCELERATE_USE_FSDP",
-        "FSDP_VERSION",
-        "FSDP_AUTO_WRAP_POLICY",
-        "FSDP_MIN_NUM_PARAMS",
-        "FSDP_STATE_DICT_TYPE",
-        "WORLD_SIZE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
-
-
 def test_the_expected_configs_are_shipped():
     names = {p.name for p in CONFIGS}
     assert {"fsdp2.yaml", "ddp.yaml", "fsdp2-multinode.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= names

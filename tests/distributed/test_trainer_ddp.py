@@ -90,36 +90,12 @@ def logged(run: Path) -> list[dict]:
 def test_accelerate_ddp_matches_single_process(tmp_path, tiny_model_dir):
     config = job_config(tmp_path, tiny_model_dir)
     one, ddp = tmp_path / "one", tmp_path / "ddp"
-    run_checked(
-        [
-            sys.executable,
-            "-m",
-            "allora_trl.cli",
-            "train",
-            "--config",
-            str(config),
-            "--output_dir",
-            str(one),
-            "--per_device_train_batch_size",
-            "8",
-        ]
-    )
+    train = ["-m", "allora_trl.cli", "train", "--config", str(config)]  # the same job, one process or two
+    run_checked([sys.executable, *train, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
     accelerate_launch(
-        "--config_file",
-        str(DDP_CONFIG),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "-m",
-        "allora_trl.cli",
-        "train",
-        "--config",
-        str(config),
-        "--output_dir",
-        str(ddp),
-        "--per_device_train_batch_size",
-        "4",
+        *("--config_file", str(DDP_CONFIG), "--num_processes", "2", "--mixed_precision", "no"),
+        *train,
+        *("--output_dir", str(ddp), "--per_device_train_batch_size", "4"),
     )
 
     expected, actual = load_file(one / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
