@@ -7,16 +7,14 @@ drop-in replacements for TRL's ``SFTTrainer`` / ``SFTConfig``, and ``ALLoRA{DPO,
 
 from .core.gradient import allora_lora_forward, lora_row_norms, weight_coefficient
 from .core.model import (
-    ALLORA_CONFIG_NAME,
-    ALLoRASettings,
     allora_settings,
     apply_allora,
     load_allora_adapter,
     normalize_lora_config,
-    read_allora_config,
     save_allora_adapter,
     write_allora_configs,
 )
+from .core.settings import ALLORA_CONFIG_NAME, ALLoRASettings, read_allora_config
 from .core.stats import collect_allora_stats, set_allora_stats_recording
 
 __version__ = "0.1.0"

@@ -7,9 +7,9 @@ from allora_trl.core.gradient import (
     CoefficientStats,
     allora_lora_forward,
     lora_row_norms,
-    validate_eta,
     weight_coefficient,
 )
+from allora_trl.core.settings import validate_eta
 
 
 def reference_grads(x, A, B, G, eta, coefficient):

@@ -4,7 +4,7 @@
   command then says which extra to install: users of the trainer should not need lm-eval, gguf or matplotlib.
 - Imports point one way: ``core`` (the method on plain peft) knows nothing of TRL trainers, the job, the command or
   the integrations; ``trainers`` knows nothing of the job or the command; the installed package never imports the
-  checkout-only ``benchmarks``; and the benchmarks' modules form no import cycle.
+  checkout-only ``benchmarks``; and neither the package nor the benchmarks has an import cycle.
 
 The import checks read the source with ``ast`` (every import statement, also those inside functions, and
 ``importlib.import_module("...")`` with a literal name), so a lazy import cannot hide a dependency.
@@ -219,23 +219,29 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
-def benchmark_import_graph() -> dict[str, set[str]]:
-    """Module -> the benchmarks modules it imports (a package's own ``__init__`` counted only when named)."""
-    files = {_module_name(p): p for p in sorted((ROOT / "benchmarks").rglob("*.py"))}
+def import_graph(folders: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ``folders`` it imports (a package's own ``__init__`` not counted for its submodules,
+    which import it implicitly; ``from . import x`` counts as importing ``x``)."""
+    files = {_module_name(p): p for folder in folders for p in sorted(folder.rglob("*.py"))}
     graph = {}
     for module, path in files.items():
         targets = set()
         for _, name in imports_of(path):
-            # `from . import x` yields both "benchmarks" and "benchmarks.x": keep the most specific known module.
+            # `from . import x` yields both "pkg" and "pkg.x": keep the most specific known module.
             while name and name not in files:
                 name = name.rpartition(".")[0]
-            if name and name != module and not (name == "benchmarks" and module.startswith("benchmarks.")):
+            if name and name != module and not module.startswith(name + "."):
                 targets.add(name)
         graph[module] = targets
     return graph
 
 
-def test_benchmarks_have_no_import_cycles():
-    """A cycle, even through imports inside functions, means the two modules cannot be read or tested apart."""
-    cycles = _cycles(benchmark_import_graph())
-    assert not cycles, "import cycles in benchmarks/: " + "; ".join(" <-> ".join(c) for c in cycles)
+@pytest.mark.parametrize(
+    "folders",
+    [["benchmarks"], ["allora_trl", "integrations"]],
+    ids=["benchmarks", "package"],
+)
+def test_no_import_cycles(folders):
+    """A cycle, even through imports inside functions, means the modules cannot be read or tested apart."""
+    cycles = _cycles(import_graph([ROOT / f for f in folders]))
+    assert not cycles, f"import cycles in {folders}: " + "; ".join(" <-> ".join(c) for c in cycles)

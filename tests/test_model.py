@@ -155,7 +155,8 @@ def test_bad_coefficient_is_an_error(tiny_model_dir):
 
 # ----- allora_config.json: every setting, a format version, old files, bad files ------------------------------------
 
-from allora_trl.core.model import ALLoRASettings, check_target_modules, read_allora_config  # noqa: E402
+from allora_trl.core.model import check_target_modules  # noqa: E402
+from allora_trl.core.settings import ALLoRASettings, read_allora_config  # noqa: E402
 
 
 def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_model_dir, tmp_path):
@@ -179,14 +180,6 @@ def test_update_scale_with_output_coefficient_is_refused(tiny_model_dir):
         apply_allora(peft_model(tiny_model_dir), coefficient="output", scale="update")
 
 
-def test_old_unversioned_config_still_loads_as_the_gradient_rule(tiny_model_dir, tmp_path):
-    save_allora_adapter(apply_allora(peft_model(tiny_model_dir)), tmp_path)
-    old = {"eta": 0.75, "coefficient": "output", "paper": "arXiv:2410.09692"}  # what allora-trl 0.1.0 wrote
-    (tmp_path / ALLORA_CONFIG_NAME).write_text(json.dumps(old))
-    reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
-    assert allora_settings(reloaded) == ALLoRASettings(eta=0.75, coefficient="output", scale="gradient")
-
-
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -194,7 +187,8 @@ def test_old_unversioned_config_still_loads_as_the_gradient_rule(tiny_model_dir,
         ("[1, 2]", "expected a JSON object.*got a JSON array"),
         ('{"etaa": 0.5}', "unknown key.*'etaa'"),
         ('{"format_version": 1, "eta": 0.5, "coefficient": "weight", "scale": "gradient", "extra": 1}', "'extra'"),
-        ("{}", "missing key.*'coefficient', 'eta'"),
+        ("{}", "format_version.*missing"),
+        ('{"format_version": 1}', "missing key.*'coefficient', 'eta', 'scale'"),
         ('{"format_version": 1, "eta": 0.5, "coefficient": "weight"}', "missing key.*'scale'"),
         ('{"eta": 0.5, "coefficient": "weight", "scale": "update"}', "format_version.*missing"),
         ('{"format_version": 9, "eta": 0.5, "coefficient": "weight", "scale": "gradient"}', "newer allora-trl"),

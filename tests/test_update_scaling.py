@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 
 from allora_trl import apply_allora
 from allora_trl.core.gradient import weight_coefficient
-from allora_trl.core.update_scaling import enable_update_scaling, validate_scale
+from allora_trl.core.settings import validate_scale
+from allora_trl.core.update_scaling import enable_update_scaling
 
 
 class TwoLayer(torch.nn.Module):
@@ -180,5 +181,5 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="allora_coefficient='weight'"):
         enable_update_scaling(torch.optim.Adam(lora_params(output).values()), output)
     assert validate_scale("update") == "update"
-    with pytest.raises(ValueError, match="allora_scale"):
-        validate_scale("both")
+    with pytest.raises(ValueError, match="`allora_scale` must be one of 'gradient'.*'update'.*got 'both'"):
+        validate_scale("both", "allora_scale")

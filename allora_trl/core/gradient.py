@@ -38,12 +38,9 @@ the LoRA branch output itself: a genuinely per-sample coefficient, which needs t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-
-COEFFICIENTS = ("weight", "output")
 
 
 def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -209,43 +206,3 @@ def allora_lora_forward(
     if stats is not None and stats.enabled:
         stats.record_forward(lora_A, lora_B, output, eta, coefficient)
     return output
-
-
-# The coefficient is computed in float32: eta must be a normal float32 number for ``c <= eta`` to be represented.
-ETA_MIN = torch.finfo(torch.float32).tiny  # about 1.2e-38
-ETA_MAX = torch.finfo(torch.float32).max  # about 3.4e38
-
-
-def validate_eta(eta: float, field_name: str = "eta") -> float:
-    """Return ``eta`` as a float, or raise naming the field.
-
-    eta must be a number (a bool is not: YAML's ``true`` would otherwise become 1.0), finite, > 0, and within
-    float32's normal range (about 1.2e-38 to 3.4e38), because the coefficient, which reaches eta at B = 0, is
-    computed in float32.
-    """
-    if isinstance(eta, bool):
-        raise ValueError(f"`{field_name}` must be a number such as 2.0 (the paper's default), got the boolean {eta!r}.")
-    try:
-        value = float(eta)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{field_name}` must be a positive finite number (e.g. 2.0), got {eta!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"`{field_name}` must be a positive finite number (e.g. 2.0, the paper's default), got {eta!r}."
-        )
-    if not ETA_MIN <= value <= ETA_MAX:
-        raise ValueError(
-            f"`{field_name}` must lie between {ETA_MIN:.3g} and {ETA_MAX:.3g} (the coefficient, which equals eta at "
-            f"B = 0, is computed in float32), got {eta!r}. The paper uses 2.0; useful values are of order 1."
-        )
-    return value
-
-
-def validate_coefficient(coefficient: str, field_name: str = "coefficient") -> str:
-    """Return ``coefficient`` if it is one of ``COEFFICIENTS``, else raise naming the field and the choices."""
-    if coefficient not in COEFFICIENTS:
-        raise ValueError(
-            f"`{field_name}` must be one of {', '.join(repr(c) for c in COEFFICIENTS)} "
-            f"('weight' is the paper's rule, 'output' its per-token ablation), got {coefficient!r}."
-        )
-    return coefficient

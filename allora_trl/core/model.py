@@ -1,25 +1,16 @@
-"""Installing ALLoRA on a peft model, and saving / loading its settings beside a plain LoRA adapter.
+"""Installing ALLoRA on a peft model, and saving / loading it beside a plain LoRA adapter.
 
 An ALLoRA adapter is a LoRA adapter with ``lora_alpha == r`` (scaling 1) and ``lora_dropout == 0``: the
 ``adapter_config.json`` that peft writes is plain LoRA and loads anywhere a LoRA adapter loads. ALLoRA's own
-settings (eta, coefficient, scale), which matter only to continue training, go in ``allora_config.json`` beside it,
-with a ``format_version`` so that later versions can read (or refuse, naming the fix) what earlier ones wrote.
-
-``allora_config.json`` formats:
-
-* version 1 (this one): ``{"format_version": 1, "eta": float, "coefficient": "weight"|"output",
-  "scale": "gradient"|"update", "paper": "arXiv:2410.09692"}``; every key but ``paper`` is required.
-* version 0 (allora-trl 0.1.0 before the format had a version): ``{"eta", "coefficient", "paper"}``, no
-  ``format_version``. It did not record the scale; such files load with ``scale="gradient"``, the paper's rule.
+settings, which matter only to continue training, go in ``allora_config.json`` beside it
+(:mod:`allora_trl.core.settings`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -58,108 +49,15 @@ try:  # the warning is emitted once, while peft's import imports bitsandbytes (h
 finally:
     _BNB_LOGGER.removeFilter(_BNB_NOTICE)
 
-from .gradient import validate_coefficient, validate_eta  # noqa: E402
+from .settings import (  # noqa: E402
+    DEFAULT_COEFFICIENT,
+    DEFAULT_ETA,
+    DEFAULT_SCALE,
+    ALLoRASettings,
+    read_allora_config,
+    save_allora_config,
+)
 from .variant import ALLoRALinearVariant  # noqa: E402
-
-ALLORA_CONFIG_NAME = "allora_config.json"
-ALLORA_CONFIG_FORMAT_VERSION = 1
-DEFAULT_ETA = 2.0
-DEFAULT_COEFFICIENT = "weight"
-DEFAULT_SCALE = "gradient"
-PAPER = "arXiv:2410.09692"
-# Keys of the unversioned files written before format_version existed (see the module docstring).
-_VERSION_0_KEYS = {"eta", "coefficient", "paper"}
-
-
-def validate_settings(eta, coefficient: str, scale: str, prefix: str = "") -> float:
-    """Check ALLoRA's three settings together, naming each field as ``prefix + name``; return eta as a float.
-
-    The one check behind both ``ALLoRASettings`` (``eta``...) and the trainer configs (``allora_eta``...).
-    """
-    # update_scaling imports this module (for iter_lora_layers), so its validator is imported when first needed.
-    from .update_scaling import validate_scale
-
-    eta = validate_eta(eta, f"{prefix}eta")
-    validate_coefficient(coefficient, f"{prefix}coefficient")
-    validate_scale(scale, f"{prefix}scale")
-    if scale == "update" and coefficient != "weight":
-        raise ValueError(
-            f"`{prefix}scale='update'` needs `{prefix}coefficient='weight'`: a per-token coefficient cannot be moved "
-            f"from the gradient to the update. Set {prefix}coefficient='weight' or {prefix}scale='gradient'."
-        )
-    return eta
-
-
-@dataclass(frozen=True)
-class ALLoRASettings:
-    """Every ALLoRA setting that changes training: what ``allora_config.json`` holds (``paper`` is informative).
-
-    ``scale`` is ``"gradient"`` (the paper's rule) or ``"update"`` (allora-trl's extension, carried out by optimizer
-    hooks: :func:`~allora_trl.core.update_scaling.enable_update_scaling`), which needs ``coefficient="weight"``.
-    """
-
-    eta: float = DEFAULT_ETA
-    coefficient: str = DEFAULT_COEFFICIENT
-    scale: str = DEFAULT_SCALE
-    paper: str = PAPER
-
-    def __post_init__(self):
-        object.__setattr__(self, "eta", validate_settings(self.eta, self.coefficient, self.scale))
-
-    def to_json_dict(self) -> dict:
-        """The ``allora_config.json`` content: the settings plus ``format_version``."""
-        return {"format_version": ALLORA_CONFIG_FORMAT_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_json_dict(cls, data, source: str = ALLORA_CONFIG_NAME) -> ALLoRASettings:
-        """Settings from parsed ``allora_config.json`` content (either format); errors name ``source`` and the fix.
-
-        A file without ``format_version`` is read as version 0 (eta and coefficient required, scale taken as
-        "gradient") only if it has no version-1 key; unknown keys are an error in both, not silently ignored.
-        """
-        fix = "re-save the adapter with allora-trl (save_allora_adapter / ALLoRATrainer.save_model) or edit the file"
-        if not isinstance(data, dict):
-            kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
-                type(data), "null"
-            )
-            raise ValueError(f"{source}: expected a JSON object such as {_example()}, got a JSON {kind}; {fix}.")
-        data = dict(data)
-        version = data.pop("format_version", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are format_version, "
-                f"{', '.join(f.name for f in fields(cls))}. Correct or remove them."
-            )
-        if version is None and set(data) <= _VERSION_0_KEYS:
-            required = {"eta", "coefficient"}  # an unversioned file of allora-trl 0.1.0: no scale recorded
-        elif version is None:
-            raise ValueError(
-                f'{source}: "format_version" is missing; add "format_version": {ALLORA_CONFIG_FORMAT_VERSION}.'
-            )
-        elif type(version) is int and version > ALLORA_CONFIG_FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: format_version {version} was written by a newer allora-trl (this one reads up to "
-                f"{ALLORA_CONFIG_FORMAT_VERSION}): upgrade allora-trl (pip install -U allora-trl)."
-            )
-        elif version != ALLORA_CONFIG_FORMAT_VERSION or type(version) is not int:
-            raise ValueError(
-                f"{source}: format_version must be {ALLORA_CONFIG_FORMAT_VERSION}, got {version!r}; {fix}."
-            )
-        else:
-            required = {"eta", "coefficient", "scale"}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"{source}: missing key(s) {', '.join(map(repr, missing))}, e.g. {_example()}; {fix}.")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: {exc}") from None
-
-
-def _example() -> str:
-    return json.dumps(ALLoRASettings().to_json_dict())
 
 
 def check_lora_config(config) -> None:
@@ -342,41 +240,6 @@ def allora_settings(model: torch.nn.Module, adapter_name: str = "default") -> AL
     return ALLoRASettings(
         eta=variant.eta, coefficient=variant.coefficient, scale=getattr(variant, "scale", DEFAULT_SCALE)
     )
-
-
-def save_allora_config(settings: ALLoRASettings, save_directory: str | os.PathLike) -> str:
-    """Write ``allora_config.json`` into ``save_directory`` (beside ``adapter_config.json``); return its path."""
-    os.makedirs(save_directory, exist_ok=True)
-    path = os.path.join(save_directory, ALLORA_CONFIG_NAME)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(settings.to_json_dict(), handle, indent=2)
-        handle.write("\n")
-    return path
-
-
-def read_allora_config(directory: str | os.PathLike) -> ALLoRASettings:
-    """Read and validate ``allora_config.json`` from an adapter directory (both formats: see the module docstring).
-
-    Raises ``FileNotFoundError`` for a missing folder or file and ``ValueError`` for a file that is not valid JSON,
-    not an object, has unknown or missing keys or bad values; every message names the file and the fix.
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Adapter folder {os.fspath(directory)!r} does not exist (or is not a folder).")
-    path = os.path.join(directory, ALLORA_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No {ALLORA_CONFIG_NAME} in {os.fspath(directory)!r}: it is not an ALLoRA adapter saved by allora-trl. "
-            "If it holds a LoRA adapter (adapter_config.json), load it with `peft.PeftModel.from_pretrained`."
-        )
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file or "
-                "re-save the adapter with allora-trl."
-            ) from None
-    return ALLoRASettings.from_json_dict(data, source=path)
 
 
 def save_allora_adapter(model: PeftModel, save_directory: str | os.PathLike, **save_kwargs) -> None:

@@ -39,8 +39,6 @@ from .gradient import weight_coefficient
 from .model import iter_lora_layers
 from .variant import ALLoRALinearVariant
 
-SCALES = ("gradient", "update")
-
 
 @dataclass
 class _Pair:
@@ -148,13 +146,3 @@ def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # Accelerate's wrapper steps the inner optimizer, whose hooks then fire
     return UpdateScaling(optimizer, model)
-
-
-def validate_scale(scale: str, field_name: str = "allora_scale") -> str:
-    """Return ``scale`` if it is ``"gradient"`` or ``"update"``, else raise naming the field and the choices."""
-    if scale not in SCALES:
-        raise ValueError(
-            f"`{field_name}` must be 'gradient' (the paper's rule: c scales the LoRA gradients) or 'update' "
-            f"(allora-trl's extension: c scales the optimizer's update), got {scale!r}."
-        )
-    return scale

@@ -8,9 +8,7 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from ..core.gradient import COEFFICIENTS
-from ..core.model import DEFAULT_COEFFICIENT, DEFAULT_ETA, validate_settings
-from ..core.update_scaling import SCALES
+from ..core.settings import COEFFICIENTS, DEFAULT_COEFFICIENT, DEFAULT_ETA, DEFAULT_SCALE, SCALES, validate_settings
 
 
 def accelerator_available() -> bool:
@@ -61,7 +59,7 @@ class ALLoRAArguments:
         },
     )
     allora_scale: str = field(
-        default="gradient",
+        default=DEFAULT_SCALE,
         metadata={
             "help": "'gradient' (the paper: c scales the A/B gradients) or 'update' (this project's extension: c "
             "scales the optimizer's update of B's rows, mean(c) that of A).",

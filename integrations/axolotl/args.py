@@ -17,8 +17,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from allora_trl.core.gradient import COEFFICIENTS, validate_coefficient, validate_eta
-from allora_trl.core.model import ALLORA_CONFIG_NAME, DEFAULT_SCALE, read_allora_config
+from allora_trl.core.settings import (
+    ALLORA_CONFIG_NAME,
+    COEFFICIENTS,
+    DEFAULT_SCALE,
+    read_allora_config,
+    validate_coefficient,
+    validate_eta,
+)
 
 LOG = logging.getLogger(__name__)
 

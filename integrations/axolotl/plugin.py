@@ -28,16 +28,8 @@ from axolotl.utils.logging import get_logger
 
 from allora_trl.core.callback import ALLoRACallback
 from allora_trl.core.distributed import check_distributed_setup
-from allora_trl.core.model import (
-    ALLORA_CONFIG_NAME,
-    DEFAULT_COEFFICIENT,
-    DEFAULT_ETA,
-    allora_variants,
-    apply_allora,
-    iter_lora_layers,
-    read_allora_config,
-    write_allora_configs,
-)
+from allora_trl.core.model import allora_variants, apply_allora, iter_lora_layers, write_allora_configs
+from allora_trl.core.settings import ALLORA_CONFIG_NAME, DEFAULT_COEFFICIENT, DEFAULT_ETA, read_allora_config
 
 from .args import ADAPTER_NAME
 

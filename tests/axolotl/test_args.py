@@ -142,7 +142,7 @@ def test_all_problems_reported_at_once():
 
 def test_an_adapter_trained_with_update_scaling_is_not_continued_silently(tmp_path):
     """allora_scale="update" (saved by the TRL trainers) cannot take effect in Axolotl: refused, naming the file."""
-    from allora_trl.core.model import ALLoRASettings, save_allora_config
+    from allora_trl.core.settings import ALLoRASettings, save_allora_config
 
     save_allora_config(ALLoRASettings(scale="update"), tmp_path)
     with pytest.raises(ValidationError) as info:
