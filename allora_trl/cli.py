@@ -8,8 +8,6 @@ which extra to install instead of failing with an import error.
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
 import sys
 
 # The job's own needs beyond the library (the `job` extra in pyproject.toml): module name -> pip requirement.
@@ -20,7 +18,7 @@ USAGE = """usage: allora-trl train [--config FILE.yaml] [--key value ...]
 train: fine-tune with ALLoRA (arXiv 2410.09692). With no options: SmolLM2-135M-Instruct on ARC-Easy, offline, a few
 minutes on a CPU. `allora-trl train --help` lists every option (ALLoRAConfig = TRL's SFTConfig + allora_eta,
 allora_coefficient, allora_scale).
-The benchmarks run from a source checkout: `python -m benchmarks.run --help` (docs/benchmarks.md).
+The benchmarks run from a source checkout: `python -m benchmarks.compare --help` (docs/benchmarks.md).
 """
 
 
@@ -46,12 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "datasets", "lm-eval", "lm_eval", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .job.startup import configure_offline_run
+
+    configure_offline_run()
 
     from .job.arguments import UsageError, build_parser, check_config_file, validate
 

@@ -422,7 +422,7 @@ def test_importing_the_command_prints_no_bitsandbytes_line():
 def test_usage_names_the_command_and_where_the_benchmarks_are(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
-    assert "allora-trl train" in usage and "python -m benchmarks.run" in usage
+    assert "allora-trl train" in usage and "python -m benchmarks.compare" in usage
 
 
 def test_train_without_the_job_extra_names_the_extra(monkeypatch, capsys):
