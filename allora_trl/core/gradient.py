@@ -17,20 +17,24 @@ and sharding see exactly the same rule.
 
 How it is computed, so that it costs what plain LoRA costs:
 
+* ``c`` depends on ``A`` and ``B`` alone, so it is a constant between optimizer steps: it is computed once per step
+  (:mod:`~allora_trl.core.coefficient_cache`), batched over every layer of one shape, and handed to each layer's
+  backward as two small tensors, :class:`BackwardFactors`: ``c`` as a column and ``[B | c B]``.
 * ``BA`` is never formed. ``||(BA)_i||^2 = b_i^T (A A^T) b_i`` uses the r x r Gram matrix of ``A``.
 * ``G'`` is never formed either: ``grad_B = c * (G^T (X A^T))`` (row-scaling an n_out x r matrix) and
-  ``G' B = G (c * B)``, so the only extra backward work is one thin ``tokens x n_out x r`` matmul, about r/n_in
-  of the frozen layer's own cost.
-* The coefficient is computed in float32 whatever the weights' dtype, and the squared norm is clamped at zero
-  before the square root. ``1/eta^2`` is never added where it would underflow or overflow: for ``eta <= 1`` the
-  coefficient is computed as ``eta / sqrt(1 + eta^2 ||(BA)_i||)`` (no ``1/eta^2`` to overflow), for ``eta > 1`` as
-  ``1/sqrt(||(BA)_i|| + 1/eta^2)`` capped at ``eta`` (its exact value at B = 0, where ``1/eta^2`` may flush to 0 in
-  float32). So ``0 < c <= eta`` and c is finite for every eta that :func:`validate_eta` accepts (float32's normal
-  range).
-* Statistics for logging (:class:`CoefficientStats`) are taken in the *forward* pass, under ``no_grad`` and only
-  while recording is on: the weight coefficient depends on the weights alone, and the output coefficient on the
-  branch output, both known in forward. Nothing in the backward touches Python state, so ``torch.compile`` traces
-  the backward without a graph break.
+  ``G' B = G (c * B)``; one thin matmul ``G [B | c B]`` gives both ``G B`` (for grad_X) and ``G (c B)`` (for
+  grad_A). So the backward has plain LoRA's four matmuls and one row scaling, where LoRA multiplies by its
+  ``alpha/r`` scaling instead: no more operations than LoRA.
+* The coefficient is computed in float32 (outside autocast) from the weights in the dtype the layer computes in
+  (the autocast copies under autocast), and the squared norm is clamped at zero before the square root.
+  ``1/eta^2`` is never added where it would underflow or overflow: for ``eta <= 1`` the coefficient is computed as
+  ``eta / sqrt(1 + eta^2 ||(BA)_i||)``, for ``eta > 1`` as ``1/sqrt(||(BA)_i|| + 1/eta^2)`` capped at ``eta``
+  (its exact value at B = 0, where ``1/eta^2`` may flush to 0 in float32). So ``0 < c <= eta`` and c is finite for
+  every eta that :func:`~allora_trl.core.settings.validate_eta` accepts. It is then cast to the compute dtype,
+  capped at that dtype's largest finite value (fp16: 65504).
+* Statistics for logging (:class:`CoefficientStats`) are the coefficient the backward applies, recorded in the
+  *forward* pass only while recording is on. Nothing in the backward touches Python state, so ``torch.compile``
+  traces it without a graph break.
 
 The paper's ablation ``coefficient="output"`` uses ``c_{t,i} = 1/sqrt(|f(x)_{t,i}| + 1/eta^2)`` per token from
 the LoRA branch output itself: a genuinely per-sample coefficient, which needs the output saved for backward.
@@ -39,6 +43,7 @@ the LoRA branch output itself: a genuinely per-sample coefficient, which needs t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -46,12 +51,13 @@ import torch
 def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     """``||(BA)_{i,:}||_2`` for every output row i, from the r x r Gram matrix of A.
 
-    Computed in float32, or float64 for float64 weights: never in bf16/fp16, whose squares overflow or round away.
+    ``lora_A`` (..., r, n_in), ``lora_B`` (..., n_out, r): one layer, or a stack of them. Computed in float32, or
+    float64 for float64 weights: never in bf16/fp16, whose squares overflow or round away.
     """
     dtype = torch.promote_types(lora_A.dtype, torch.float32)
     a = lora_A.detach().to(dtype)
     b = lora_B.detach().to(dtype)
-    gram = a @ a.T  # r x r
+    gram = a @ a.transpose(-1, -2)  # r x r
     squared = ((b @ gram) * b).sum(dim=-1).clamp_min(0.0)  # b_i^T (A A^T) b_i, clamped: rounding can dip below 0
     return squared.sqrt()
 
@@ -73,6 +79,34 @@ def coefficient_from_norms(norms: torch.Tensor, eta: float) -> torch.Tensor:
 def weight_coefficient(lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float) -> torch.Tensor:
     """The paper's default coefficient ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)``, shape (n_out,), at least float32."""
     return coefficient_from_norms(lora_row_norms(lora_A, lora_B), eta)
+
+
+class BackwardFactors(NamedTuple):
+    """What one layer's backward needs of the weight coefficient, in the dtype the layer computes in.
+
+    With a leading layer dimension when built for a stack of layers (:func:`stacked_backward_factors`).
+    """
+
+    coefficient: torch.Tensor  # (n_out, 1): c, the row scaling of grad_B
+    b_both: torch.Tensor  # (n_out, 2r): [B | c B], so that G [B | c B] = [G B | G (c B)]
+    row_norms: torch.Tensor  # (n_out,): ||(BA)_i|| in float32 (float64 for float64 weights), for statistics
+
+
+def stacked_backward_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float, dtype: torch.dtype
+) -> BackwardFactors:
+    """:class:`BackwardFactors` of a stack of layers: ``lora_A`` (L, r, n_in), ``lora_B`` (L, n_out, r).
+
+    The weights are cast to ``dtype`` first (what the layers multiply with: the autocast copies under autocast),
+    then ``c`` is computed from them in float32 with autocast off, and cast back to ``dtype``. One call costs the
+    same number of operations for one layer or for a hundred.
+    """
+    with torch.autocast(lora_A.device.type, enabled=False):
+        a = lora_A.detach().to(dtype)
+        b = lora_B.detach().to(dtype)
+        norms = lora_row_norms(a, b)
+        c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
+        return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
 
 
 def output_coefficient(lora_output: torch.Tensor, eta: float) -> torch.Tensor:
@@ -105,17 +139,6 @@ class CoefficientStats:
             "row_norm_count": torch.ones_like(norms).sum(),
         }
 
-    @torch.no_grad()
-    def record_forward(
-        self, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_output: torch.Tensor, eta: float, coefficient: str
-    ) -> None:
-        """Record the coefficient the coming backward pass will apply, computed here in forward."""
-        row_norms = lora_row_norms(lora_A, lora_B)
-        if coefficient == "output":
-            self.record(output_coefficient(lora_output, eta), row_norms)
-        else:
-            self.record(coefficient_from_norms(row_norms, eta), row_norms)
-
 
 def _in_dtype(coefficient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float32 coefficient cast to the gradients' dtype, capped at its largest finite value (fp16: 65504)."""
@@ -123,60 +146,73 @@ def _in_dtype(coefficient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ALLoRAFunction(torch.autograd.Function):
-    """``y = (x A^T) B^T`` forward; the ALLoRA rule (module docstring) backward.
+    """``y = (x A^T) B^T`` forward; the ALLoRA rule with the weight coefficient (module docstring) backward.
 
-    ``x``: (..., n_in); ``lora_A``: (r, n_in); ``lora_B``: (n_out, r). All three share one dtype; the caller casts.
+    ``x``: (..., n_in); ``lora_A``: (r, n_in); ``lora_B``: (n_out, r); ``coefficient`` (n_out, 1) and ``b_both``
+    (n_out, 2r) from :class:`BackwardFactors`. All share one dtype; the caller casts.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, eta: float, coefficient: str):
+    def forward(ctx, x, lora_A, lora_B, coefficient, b_both):
         hidden = x @ lora_A.T  # tokens x r: the same tensor vanilla LoRA keeps for grad_B
+        ctx.save_for_backward(x, lora_A, lora_B, hidden, coefficient, b_both)
+        return hidden @ lora_B.T
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, lora_A, lora_B, hidden, coefficient, b_both = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])  # G: tokens x n_out
+        x_2d = x.reshape(-1, x.shape[-1])
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = (grad.T @ hidden.reshape(-1, hidden.shape[-1])) * coefficient  # (G * c)^T (X A^T)
+        r = lora_A.shape[0]
+        if need_A and need_x:
+            both = grad @ b_both  # [G B | G (c B)] in one thin matmul
+            grad_x = (both[:, :r] @ lora_A).reshape(x.shape)  # G B A: the input gradient is not scaled
+            grad_A = both[:, r:].T @ x_2d  # (G * c) B, transposed, times X
+        elif need_A:  # e.g. the first layer, whose input needs no gradient
+            grad_A = (grad @ b_both[:, r:].contiguous()).T @ x_2d
+        elif need_x:
+            grad_x = ((grad @ lora_B) @ lora_A).reshape(x.shape)
+        return grad_x, grad_A, grad_B, None, None
+
+
+class ALLoRAOutputFunction(torch.autograd.Function):
+    """``y = (x A^T) B^T`` forward; the paper's per-token ablation backward: ``c_{t,i}`` from the output itself."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, eta: float):
+        hidden = x @ lora_A.T
         output = hidden @ lora_B.T
         ctx.eta = eta
-        ctx.coefficient = coefficient
-        if coefficient == "output":
-            ctx.save_for_backward(x, lora_A, lora_B, hidden, output)
-        else:
-            ctx.save_for_backward(x, lora_A, lora_B, hidden)
+        ctx.save_for_backward(x, lora_A, lora_B, hidden, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, lora_A, lora_B, hidden = ctx.saved_tensors[:4]
-        eta = ctx.eta
-        dtype = grad_output.dtype
-        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])  # tokens x n_out
+        x, lora_A, lora_B, hidden, output = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         grad_x = grad_A = grad_B = None
-
-        if ctx.coefficient == "output":
-            lora_output = ctx.saved_tensors[4]
-            coeff = output_coefficient(lora_output, eta)  # same shape as the output
-            scaled = grad_2d * _in_dtype(coeff, dtype).reshape(grad_2d.shape)  # G' = G * c, elementwise per token
-            if need_B:
-                grad_B = scaled.T @ hidden_2d
-            if need_A:
-                grad_A = (scaled @ lora_B).T @ x_2d
-            if need_x:
-                grad_x = ((grad_2d @ lora_B) @ lora_A).reshape(x.shape)
-            return grad_x, grad_A, grad_B, None, None
-
-        coeff = _in_dtype(weight_coefficient(lora_A, lora_B, eta), dtype)  # c_i, shape (n_out,)
+        coeff = output_coefficient(output, ctx.eta)  # same shape as the output
+        scaled = grad * _in_dtype(coeff, grad.dtype).reshape(grad.shape)  # G' = G * c, elementwise per token
         if need_B:
-            grad_B = (grad_2d.T @ hidden_2d) * coeff[:, None]  # (G * c)^T (X A^T) == c * (G^T (X A^T))
-        if need_A and need_x:
-            # One thin matmul gives both G B (for grad_X) and G (c * B) == (G * c) B (for grad_A).
-            r = lora_B.shape[1]
-            both = grad_2d @ torch.cat([lora_B, lora_B * coeff[:, None]], dim=1)
-            grad_x = (both[:, :r] @ lora_A).reshape(x.shape)
-            grad_A = both[:, r:].T @ x_2d
-        elif need_A:
-            grad_A = (grad_2d @ (lora_B * coeff[:, None])).T @ x_2d
-        elif need_x:
-            grad_x = ((grad_2d @ lora_B) @ lora_A).reshape(x.shape)
-        return grad_x, grad_A, grad_B, None, None
+            grad_B = scaled.T @ hidden.reshape(-1, hidden.shape[-1])
+        if need_A:
+            grad_A = (scaled @ lora_B).T @ x_2d
+        if need_x:
+            grad_x = ((grad @ lora_B) @ lora_A).reshape(x.shape)
+        return grad_x, grad_A, grad_B, None
+
+
+def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a LoRA layer multiplies in: the autocast dtype under autocast (as ``F.linear``), else the weights'."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
 
 
 def allora_lora_forward(
@@ -186,23 +222,40 @@ def allora_lora_forward(
     eta: float = 2.0,
     coefficient: str = "weight",
     stats: CoefficientStats | None = None,
+    factors: BackwardFactors | None = None,
 ) -> torch.Tensor:
     """The LoRA branch ``B A x`` (scaling 1) whose backward applies the ALLoRA rule.
 
+    Args:
+        x (`torch.Tensor`): the layer input, (..., n_in).
+        lora_A (`torch.Tensor`), lora_B (`torch.Tensor`): the adapter's weights, (r, n_in) and (n_out, r).
+        eta (`float`): ALLoRA's eta. coefficient (`str`): ``"weight"`` (the paper's rule) or ``"output"``.
+        stats (`CoefficientStats`, *optional*): records the coefficient the backward applies, when enabled.
+        factors (`BackwardFactors`, *optional*): the weight coefficient for these weights in the compute dtype,
+            as :mod:`~allora_trl.core.coefficient_cache` keeps it once per optimizer step; computed here if not
+            given (one layer, one call).
+
+    Returns:
+        `torch.Tensor`: ``x A^T B^T``, (..., n_out), in the compute dtype.
+
     Under autocast the three tensors are cast to the autocast dtype here (as ``F.linear`` would do) and the
     function runs with autocast off, so forward and backward see one dtype; the casts' own backward returns the
-    weight gradients in the weights' dtype. With ``stats`` enabled, the coefficient the backward will apply is
-    recorded into it here (see :class:`CoefficientStats`).
+    weight gradients in the weights' dtype.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            output = ALLoRAFunction.apply(x, lora_A, lora_B, eta, coefficient)
-    else:
-        x = x.to(lora_A.dtype)
-        output = ALLoRAFunction.apply(x, lora_A, lora_B, eta, coefficient)
+    dtype = compute_dtype(device_type, lora_A.dtype)
+    if coefficient == "weight" and factors is None:
+        factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
+        factors = BackwardFactors(*(t[0] for t in factors))
+    x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if coefficient == "output":
+            output = ALLoRAOutputFunction.apply(x, lora_A, lora_B, eta)
+        else:
+            output = ALLoRAFunction.apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
     if stats is not None and stats.enabled:
-        stats.record_forward(lora_A, lora_B, output, eta, coefficient)
+        if coefficient == "output":
+            stats.record(output_coefficient(output, eta), lora_row_norms(lora_A, lora_B))
+        else:
+            stats.record(factors.coefficient, factors.row_norms)
     return output

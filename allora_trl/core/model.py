@@ -49,6 +49,7 @@ try:  # the warning is emitted once, while peft's import imports bitsandbytes (h
 finally:
     _BNB_LOGGER.removeFilter(_BNB_NOTICE)
 
+from .coefficient_cache import CoefficientCache  # noqa: E402
 from .settings import (  # noqa: E402
     DEFAULT_COEFFICIENT,
     DEFAULT_ETA,
@@ -217,10 +218,13 @@ def apply_allora(
         peft_configs[name], _ = normalize_lora_config(peft_configs[name])
     for name in adapters:
         set_lora_scaling_one(model, name)
+    cache = CoefficientCache()  # the adapter's weight coefficients, once per optimizer step
     for _, layer in layers:
         for name in adapters:
             if name in layer.lora_A:
-                layer.lora_variant[name] = ALLoRALinearVariant(eta=eta, coefficient=coefficient, scale=scale)
+                variant = ALLoRALinearVariant(eta=eta, coefficient=coefficient, scale=scale, cache=cache)
+                layer.lora_variant[name] = variant
+                cache.add(layer, name, variant)
     return model
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import LoraVariant
 
-from .gradient import CoefficientStats, allora_lora_forward
+from .coefficient_cache import CoefficientCache, backward_factors_for, register_variant
+from .gradient import CoefficientStats, allora_lora_forward, compute_dtype
 
 
 class ALLoRALinearVariant(LoraVariant):
@@ -24,11 +25,23 @@ class ALLoRALinearVariant(LoraVariant):
     (:mod:`allora_trl.core.update_scaling`) that the trainer installs.
     """
 
-    def __init__(self, eta: float, coefficient: str, scale: str = "gradient"):
+    def __init__(self, eta: float, coefficient: str, scale: str = "gradient", cache: CoefficientCache | None = None):
         self.eta = eta
         self.coefficient = coefficient
         self.scale = scale
         self.stats = CoefficientStats()
+        self.cache = cache  # shared by the adapter's layers: the weight coefficient once per optimizer step
+        self.cache_entry = None
+        self.handle = register_variant(self)
+
+    def __getstate__(self):
+        # a copy (TRL's reference models are deep copies) gets its own handle and recomputes its own coefficient
+        return {k: v for k, v in self.__dict__.items() if k not in ("cache_entry", "handle")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.cache_entry = None
+        self.handle = register_variant(self)
 
     def supports_lora_conversion(self) -> bool:
         return True  # an ALLoRA adapter *is* a LoRA adapter with alpha == r
@@ -53,12 +66,12 @@ class ALLoRALinearVariant(LoraVariant):
         return orig_weight.data - delta.to(device=orig_weight.device, dtype=orig_weight.dtype)
 
     def forward(self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_A = module.lora_A[active_adapter].weight
+        lora_B = module.lora_B[active_adapter].weight
+        factors = None
+        if self.coefficient == "weight" and self.cache is not None:
+            factors = backward_factors_for(self, lora_A, lora_B, compute_dtype(x.device.type, lora_A.dtype))
         lora_output = allora_lora_forward(
-            x,
-            module.lora_A[active_adapter].weight,
-            module.lora_B[active_adapter].weight,
-            eta=self.eta,
-            coefficient=self.coefficient,
-            stats=self.stats,
+            x, lora_A, lora_B, eta=self.eta, coefficient=self.coefficient, stats=self.stats, factors=factors
         )
         return result + lora_output.to(result.dtype)
