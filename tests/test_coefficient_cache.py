@@ -308,3 +308,28 @@ def test_coefficient_matches_the_formula_after_steps():
     model(input_ids=batches(1)[0])  # refresh at the first forward after the last step
     expected = weight_coefficient(layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
     assert torch.equal(variant.cache_entry.factors.coefficient[:, 0], expected)
+
+
+def test_update_scaling_and_statistics_read_the_coefficient_the_backward_applied():
+    from allora_trl import collect_allora_stats, set_allora_stats_recording
+    from allora_trl.core.update_scaling import enable_update_scaling
+
+    model = lora_model()
+    cache = next(allora_variants(model)).cache
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scaling = enable_update_scaling(opt, model)
+    for ids in batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert cache.refreshes == 3 * 3  # the optimizer hooks computed nothing of their own
+    set_allora_stats_recording(model, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=batches(1)[0])
+    applied = torch.cat([v.cache_entry.factors.coefficient.float() for v in allora_variants(model)])
+    stats = collect_allora_stats(model)
+    assert stats["allora/coefficient_min"] == applied.min().item()
+    assert stats["allora/coefficient_max"] == applied.max().item()
+    assert all(v.cache_entry.factors.coefficient.dtype == torch.bfloat16 for v in allora_variants(model))
+    scaling.remove()

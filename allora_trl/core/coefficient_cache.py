@@ -154,6 +154,14 @@ class CoefficientCache:
         self.sharded = False
 
 
+def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """``c`` as the layer's last backward applied it (in its compute dtype), as float32 (n_out,): what
+    ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient."""
+    entry = variant.cache_entry
+    dtype = entry.factors.coefficient.dtype if entry is not None else lora_A.dtype
+    return variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient[:, 0].float()
+
+
 def refresh_allora_coefficients(model: torch.nn.Module) -> None:
     """Make every ALLoRA layer of ``model`` recompute its coefficient at its next forward.
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gradient import weight_coefficient
+from .coefficient_cache import applied_coefficient
 from .model import iter_lora_layers
 from .variant import ALLoRALinearVariant
 
@@ -46,7 +46,7 @@ class _Pair:
 
     lora_A: torch.nn.Parameter
     lora_B: torch.nn.Parameter
-    eta: float
+    variant: ALLoRALinearVariant
 
 
 def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
@@ -63,7 +63,7 @@ def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
                     f"allora_scale='update' needs allora_coefficient='weight'; layer {layer_name!r} adapter {name!r} "
                     f"uses {variant.coefficient!r} (a per-token coefficient cannot be moved to the update)."
                 )
-            pair = _Pair(layer.lora_A[name].weight, layer.lora_B[name].weight, float(variant.eta))
+            pair = _Pair(layer.lora_A[name].weight, layer.lora_B[name].weight, variant)
             for param in (pair.lora_A, pair.lora_B):
                 if type(param.data) is not torch.Tensor or param.dim() != 2:
                     raise ValueError(
@@ -104,7 +104,7 @@ class UpdateScaling:
         total, count = None, 0
         for pair in self.pairs:
             A, B = pair.lora_A, pair.lora_B
-            c = weight_coefficient(A, B, pair.eta)  # float32 (n_out,): the c the backward pass used
+            c = applied_coefficient(pair.variant, A, B)  # float32 (n_out,): the c the backward pass used
             c_mean = c.mean()
             if B.grad is not None:
                 B.grad.div_(c[:, None].to(B.grad.dtype))  # back to the plain LoRA gradient: c goes on the update
