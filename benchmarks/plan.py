@@ -1,7 +1,7 @@
 """What a benchmark run consists of: the presets, the learning-rate grids and their choice, and every run's spec.
 
-The runner (``run.py``) executes this plan and the report (``report.py``) reads it back from ``OUT/plan.json``; both
-import it from here, so what was run and what is reported cannot drift apart, and neither imports the other.
+The command (``compare.py``) executes this plan and the report (``report.py``) reads it back from ``OUT/plan.json``;
+both import it from here, so what was run and what is reported cannot drift apart, and neither imports the other.
 """
 
 from __future__ import annotations
@@ -9,20 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .methods import METHODS, OPTIM_PAIR, get_method
-from .runner import BaseEvalSpec, RunSpec
-
-# Where the full and long modes write their runs, summary and plots: committed, so the reports rebuild from them.
-FULL_RESULTS = "benchmarks/results-full"
-LONG_RESULTS = "benchmarks/results-long"
+from .single_run import BaseEvalSpec, RunSpec
 
 
 @dataclass
 class Plan:
-    """Everything that decides what is run. Saved as ``OUT/plan.json``.
-
-    Fields added after the full mode was recorded default to what that run did (accuracy selects the LR, no held-out
-    loss, SmolLM2 in float32, random batches), so its ``plan.json`` still reads back as the plan it ran.
-    """
+    """Everything that decides what is run. Saved as ``OUT/plan.json``."""
 
     mode: str
     tasks: list[str]
@@ -45,13 +37,13 @@ class Plan:
     cost: bool
     cost_rounds: int
     cost_methods: list[str]
+    select_by: str  # "loss": lowest held-out answer loss on the selection split; "acc": best accuracy
+    loss_limit: int  # held-out answer-loss examples per task (0 = not measured)
     lr_grids: dict[str, list[float]] = field(default_factory=dict)
     # method -> the method whose chosen LR it takes (no selection runs of its own); see PRESETS["full"]
     lr_shared: dict[str, str] = field(default_factory=dict)
     # method -> a fixed LR (no grid, no selection): the long mode reuses the full mode's choices
     fixed_lrs: dict[str, float] = field(default_factory=dict)
-    select_by: str = "acc"  # "loss": lowest held-out answer loss on the selection split; "acc": best accuracy
-    loss_limit: int = 0  # held-out answer-loss examples per task (0 = not measured)
     loss_max_length: int = 512  # longer examples are cut from the left (the prompt's start), never the answer
     sampling: str = "random"  # "group_by_length": batches of similar length (transformers' LengthGroupedSampler)
     model: str | None = None  # a local Hugging Face causal-LM folder; None = SmolLM2-135M-Instruct
@@ -97,11 +89,11 @@ PRESETS = {
     # (validation halves). What had to give on 2 cores (a first attempt at 128 tokens, batch 8, took 10 s a step,
     # about five hours in all): BoolQ's training passages (median 139 tokens) do not fit 64 tokens, so training
     # learns from ARC-Easy and PIQA (and the few short BoolQ examples) and BoolQ measures transfer; 25 questions per
-    # task select, 50 are reported; the ALLoRA variants and ALLoRA-0 take the LR chosen for ALLoRA (eta^2 = 4),
+    # task select, 50 are reported; the ALLoRA variants and ALLoRA-0 take the LR chosen for ALLoRA (eta = 2),
     # so they differ from it only by the coefficient (the reviewers' control); `sgd_matched` is left out. Every
     # method's whole four-point grid (8x) is searched: with three points, a first full run chose a grid edge for
-    # ALLoRA, LoRA+ and rsLoRA. The recorded run (benchmarks/results-full) selected by accuracy and measured no
-    # held-out loss; its plan.json says so, and a new full run selects by the held-out loss.
+    # ALLoRA, LoRA+ and rsLoRA. This is not the plan of the recorded full run (benchmarks/results-full/plan.json:
+    # LRs selected by accuracy, no held-out loss), so it cannot run into that folder.
     "full": dict(
         tasks=["arc_easy", "boolq", "piqa"],
         methods=list(METHODS),
@@ -123,17 +115,17 @@ PRESETS = {
         cost=True,
         cost_rounds=16,
         cost_methods=[OPTIM_PAIR[1], "lora", OPTIM_PAIR[0], "allora_update", "allora_output", "dora"],
-        lr_shared={m: OPTIM_PAIR[0] for m in (OPTIM_PAIR[1], "allora_eta2_1", "allora_eta2_2", "allora_output")},
+        lr_shared={m: OPTIM_PAIR[0] for m in (OPTIM_PAIR[1], "allora_eta1", "allora_eta_sqrt2", "allora_output")},
         select_by="loss",
         loss_limit=200,
     ),
     # Ten times the full mode's optimizer steps (240 x 4 examples), sequences of up to 256 tokens (BoolQ's passages:
-    # median 141, 90th percentile 240 tokens), 3 seeds, the four methods that matter most: where ALLoRA's coefficient
+    # median 141, 90th percentile 240 tokens), 5 seeds, the four methods that matter most: where ALLoRA's coefficient
     # can leave eta. Sized for 2 cores: no LR grid (the full mode's choices: 2e-4 for LoRA and DoRA at alpha = 2r,
     # 4e-4 for ALLoRA and ALLoRA-0 at alpha = r), batches grouped by length (a mixed batch would pad ARC's 30
-    # tokens to BoolQ's 250), 300 held-out answer-loss examples and 100 accuracy questions per task. Every run is
-    # one JSON file under benchmarks/results-long/runs, so the run resumes across sessions; seeds run in order
-    # (all four methods of seed 1 first), so a partial run already holds paired comparisons.
+    # tokens to BoolQ's 250), 300 held-out answer-loss examples and 100 accuracy questions per task. This is the
+    # plan of the recorded run (benchmarks/results-long/plan.json), which `--out benchmarks/results-long` extends
+    # (e.g. more seeds); seeds run in order (all four methods of seed 1 first), so a partial run holds pairs.
     "long": dict(
         tasks=["arc_easy", "boolq", "piqa"],
         methods=["lora", OPTIM_PAIR[1], OPTIM_PAIR[0], "dora"],
@@ -143,7 +135,7 @@ PRESETS = {
         warmup_steps=10,
         lr_points=1,
         select_seed=0,
-        seeds=[1, 2, 3],
+        seeds=[1, 2, 3, 4, 5],
         select_limit=25,
         report_limit=100,
         eval_batch_size=16,
@@ -161,8 +153,6 @@ PRESETS = {
         sampling="group_by_length",
     ),
 }
-
-RESULTS_FOLDERS = {"full": FULL_RESULTS, "long": LONG_RESULTS}  # other modes: a new temporary folder
 
 
 def centred_grid(grid: tuple[float, ...], default: float, points: int) -> list[float]:

@@ -1,8 +1,8 @@
-"""The benchmark report: ``docs/benchmarks.md`` (Markdown), ``OUT/summary.json`` and the PNG plots, from the run files.
+"""The benchmark report of a results folder: ``OUT/report.md``, ``OUT/summary.json`` and the PNGs in ``OUT/plots``.
 
-Rebuild it from finished runs without training anything: ``python -m benchmarks.report --out OUT --docs PATH``.
-The work is split by job: ``analysis.py`` (numbers and intervals), ``plots.py`` (PNGs), ``markdown.py`` (text);
-this module gathers the machine's description and writes the files.
+Rebuild it from the finished runs without training anything: ``python -m benchmarks.report --out OUT``.
+The work is split by job: ``analysis.py`` (numbers and intervals), ``plots.py`` (PNGs), ``markdown.py`` (tables);
+this module gathers the machine's description and writes the files. It writes nothing outside ``OUT``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import os
 import platform
 from pathlib import Path
 
-from .analysis import analyse, load_plan, load_runs
-from .markdown import keep_findings, render
+from .analysis import analyse
+from .markdown import render
 from .plots import make_plots
-from .runner import versions
+from .record import load_cost, load_plan, load_runs
 
 
 def machine() -> dict:
@@ -49,23 +49,38 @@ def machine() -> dict:
     return info
 
 
+def run_versions(runs: dict) -> dict[str, str]:
+    """The library versions the runs recorded (several values joined by " / " when sessions differed)."""
+    found: dict[str, list[str]] = {}
+    for run in runs.values():
+        for name, version in run.get("versions", {}).items():
+            found.setdefault(name, [])
+            if version not in found[name]:
+                found[name].append(version)
+    return {name: " / ".join(values) for name, values in found.items()}
+
+
 def write_report(
-    out_dir: Path, docs_path: Path, plan=None, command: str = "", wall_s: float | None = None, commit: str | None = None
+    out_dir: Path,
+    plan=None,
+    command: str = "",
+    wall_s: float | None = None,
+    commit: str | None = None,
+    machine_info: dict | None = None,
 ) -> dict:
-    """Analyse the finished runs in ``out_dir``; write the Markdown, ``summary.json`` and the plots.
+    """Analyse the finished runs in ``out_dir``; write ``report.md``, ``summary.json`` and the plots there.
 
     Works on a partial run too (a long run between sessions): methods or seeds without runs are left out.
+    ``machine_info``: the machine that ran them (default: this one).
     """
-    out_dir, docs_path = Path(out_dir), Path(docs_path)
+    out_dir = Path(out_dir)
     plan = plan or load_plan(out_dir)
     runs = load_runs(out_dir)
-    cost_path = out_dir / "cost.json"
-    cost = json.loads(cost_path.read_text()) if plan.cost and cost_path.is_file() else None
+    cost = load_cost(out_dir) if plan.cost else None
     analysis = analyse(plan, runs)
     plots = make_plots(plan, runs, analysis, cost, out_dir / "plots")
-    info = machine()
+    info = machine_info or machine()
     compute_s = sum(r.get("wall_s", 0) for r in runs.values())
-    docs_path.parent.mkdir(parents=True, exist_ok=True)
     layer_path = out_dir / "layer_speed.json"
     layer = json.loads(layer_path.read_text()) if layer_path.is_file() else None
     sessions_path = out_dir / "sessions.jsonl"
@@ -73,22 +88,23 @@ def write_report(
     starts = [event for event in sessions if event.get("event") == "start"]
     if starts and not command:  # a rebuild of a run that has not reached its end yet: its last session's command
         command, commit = starts[-1].get("command", ""), commit or starts[-1].get("commit")
-    text, headline = render(
+    versions = run_versions(runs)
+    text = render(
         plan,
         analysis,
         cost,
         plots,
         info,
-        docs_path,
-        command or "python -m benchmarks.run",
+        out_dir,
+        command or "python -m benchmarks.compare",
         wall_s,
         compute_s,
-        versions(),
+        versions,
         layer,
         commit,
         sessions,
     )
-    docs_path.write_text(keep_findings(text, docs_path))
+    (out_dir / "report.md").write_text(text)
 
     def clean(obj):
         if isinstance(obj, dict):
@@ -103,15 +119,13 @@ def write_report(
         "command": command,
         "commit": commit,
         "machine": info,
-        "versions": versions(),
+        "versions": versions,
         "wall_s": wall_s,
         "compute_s": compute_s,
         "plan": {k: v for k, v in vars(plan).items()},
         "analysis": clean(analysis),
         "cost": clean({k: v for k, v in (cost or {}).items() if k != "top_ops"}),
-        "plots": plots,
-        "docs": str(docs_path),
-        "headline": headline,
+        "plots": {name: os.path.relpath(path, out_dir) for name, path in plots.items()},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -120,7 +134,6 @@ def write_report(
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the results folder of a benchmark run")
-    parser.add_argument("--docs", required=True, help="where to write the Markdown report")
     parser.add_argument(
         "--command",
         default="",
@@ -129,15 +142,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    # A rebuild (new report text, same runs) keeps the benchmark run's own command, wall time and commit.
-    summary = write_report(
+    # A rebuild (new report text, same runs) keeps the benchmark run's own command, wall time, commit and machine.
+    write_report(
         out,
-        Path(args.docs),
         command=args.command or previous.get("command", ""),
         wall_s=previous.get("wall_s"),
         commit=previous.get("commit"),
+        machine_info=previous.get("machine"),
     )
-    print(f"Report: {summary['docs']}")
+    print(f"Report: {out / 'report.md'}")
     return 0
 
 

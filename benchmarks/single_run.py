@@ -1,8 +1,9 @@
-"""One benchmark run: load the model, train one method with one optimizer / LR / seed, evaluate, write one JSON.
+"""One benchmark run: load the model, train one method with one optimizer / LR / seed, evaluate; the result as a dict.
 
-A run is identified by everything that determines its result (:class:`RunSpec`); its JSON file is written
-atomically when the run has finished, so an interrupted benchmark resumes by skipping every run whose file exists
-with the same spec. Runs with the same seed see the same training examples in the same order (paired).
+A run is identified by everything that determines its result (:class:`RunSpec`): its run id names the method,
+optimizer, LR, seed and steps for a reader and ends in a digest of the whole spec, so two different specs never share
+a file. Runs with the same seed see the same training examples in the same order (paired). Writing and reading the
+run files is :mod:`benchmarks.record`'s job.
 
 The device is not part of a run's identity (the same run on a GPU is the same experiment, up to numerics); it is
 recorded in the run's JSON.
@@ -10,29 +11,22 @@ recorded in the run's JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 logger = logging.getLogger("benchmarks")
 
 
-# Spec fields added after the full mode was recorded, with the values those runs had: a spec leaves them out of its
-# JSON and run id while they are at these values, so the recorded runs are still found (and resumed) as they are.
-LATER_FIELDS = {"model": None, "dtype": "float32", "loss_limit": 0, "loss_max_length": 512, "sampling": "random"}
-
-
-def _spec_json(spec) -> dict:
-    data = asdict(spec)
-    data["tasks"] = list(spec.tasks)
-    return {k: v for k, v in data.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+def _digest(spec) -> str:
+    """Eight hex digits of the spec's canonical JSON: part of its run id."""
+    return hashlib.sha1(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -46,23 +40,23 @@ class RunSpec:
     eval_limit: int | None
     batch_size: int
     max_length: int
-    optim: str = "adamw"  # "adamw" (adamw_torch) or "sgd" (momentum 0.9)
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    model: str | None = None  # a local causal-LM folder; None = SmolLM2-135M-Instruct
-    dtype: str = "float32"  # "float32" or "bfloat16" (bf16 weights and autocast)
-    loss_limit: int = 0  # held-out answer-loss examples per task (0 = not measured)
-    loss_max_length: int = 512
-    sampling: str = "random"  # or "group_by_length"
+    optim: str  # "adamw" (adamw_torch) or "sgd" (momentum 0.9)
+    warmup_steps: int
+    max_grad_norm: float  # 0: no clipping
+    model: str | None  # a local causal-LM folder; None = SmolLM2-135M-Instruct
+    dtype: str  # "float32" or "bfloat16" (bf16 weights and autocast)
+    loss_limit: int  # held-out answer-loss examples per task (0 = not measured)
+    loss_max_length: int
+    sampling: str  # "random" or "group_by_length"
 
     @property
     def run_id(self) -> str:
-        clip = "" if self.max_grad_norm == 1.0 else f"__clip{self.max_grad_norm:g}"
-        dtype = "" if self.dtype == "float32" else f"__{self.dtype}"
-        return f"{self.split}__{self.method}__{self.optim}__lr{self.lr:.3g}__s{self.seed}__n{self.steps}{clip}{dtype}"
+        return (
+            f"{self.split}__{self.method}__{self.optim}__lr{self.lr:.3g}__s{self.seed}__n{self.steps}__{_digest(self)}"
+        )
 
     def to_json(self) -> dict:
-        return _spec_json(self)
+        return {**asdict(self), "tasks": list(self.tasks)}
 
 
 @dataclass(frozen=True)
@@ -72,17 +66,17 @@ class BaseEvalSpec:
     split: str
     tasks: tuple[str, ...]
     eval_limit: int | None
-    model: str | None = None
-    dtype: str = "float32"
-    loss_limit: int = 0
-    loss_max_length: int = 512
+    model: str | None
+    dtype: str
+    loss_limit: int
+    loss_max_length: int
 
     @property
     def run_id(self) -> str:
-        return f"{self.split}__base" + ("" if self.dtype == "float32" else f"__{self.dtype}")
+        return f"{self.split}__base__{_digest(self)}"
 
     def to_json(self) -> dict:
-        return _spec_json(self)
+        return {**asdict(self), "tasks": list(self.tasks)}
 
 
 def versions() -> dict[str, str]:
@@ -105,35 +99,6 @@ def versions() -> dict[str, str]:
     except ImportError:
         pass
     return out
-
-
-def result_path(out_dir: Path, spec) -> Path:
-    return Path(out_dir) / "runs" / f"{spec.run_id}.json"
-
-
-def load_result(out_dir: Path, spec) -> dict | None:
-    """The finished result of ``spec`` if its file exists with the same spec (resume), else None."""
-    path = result_path(out_dir, spec)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if data.get("spec") != spec.to_json():
-        logger.warning("%s exists with other settings: it will be re-run and replaced.", path.name)
-        return None
-    return data
-
-
-def write_result(out_dir: Path, spec, data: dict) -> Path:
-    path = result_path(out_dir, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, default=float)
-    os.replace(tmp, path)  # atomic: a file either holds a whole finished run or does not exist
-    return path
 
 
 def _norm_recorder():
@@ -224,10 +189,6 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
         tokenizer.pad_token = tokenizer.eos_token
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     return loaded, tokenizer, path
-
-
-def model_label(spec) -> str:
-    return "SmolLM2-135M-Instruct" if spec.model is None else str(spec.model)
 
 
 def _evaluate_all(model, tokenizer, spec, eval_batch_size: int) -> dict:
