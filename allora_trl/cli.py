@@ -8,6 +8,7 @@ which extra to install instead of failing with an import error.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 # The job's own needs beyond the library (the `job` extra in pyproject.toml): module name -> pip requirement.
@@ -28,6 +29,15 @@ def missing_job_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; return its exit status (Ctrl-C before training: 130, nothing written)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("allora-trl train: interrupted before training started; nothing was written.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -66,16 +76,41 @@ def main(argv: list[str] | None = None) -> int:
         return usage_error(exc)
 
     from .core.callback import NonFiniteTrainingError
+    from .job.checkpoints import close_progress_bars, disk_full_message, interrupted_message, is_disk_full
     from .job.train import run_training
 
+    output_dir, save_strategy = training_args.output_dir, training_args.save_strategy
+    existed = os.path.exists(output_dir)
     try:
         run_training(script_args, training_args)
     except UsageError as exc:  # the checks that need the data or the model, still before anything is written
+        remove_if_new_and_empty(output_dir, existed)
         return usage_error(exc)
     except NonFiniteTrainingError as exc:  # a diverged run: its message says what to change; no traceback needed
         print(f"allora-trl train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: where to resume from, as the shell's convention for SIGINT says
+        remove_if_new_and_empty(output_dir, existed)
+        close_progress_bars()
+        print(f"allora-trl train: {interrupted_message(output_dir, save_strategy)}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        remove_if_new_and_empty(output_dir, existed)
+        close_progress_bars()
+        print(f"allora-trl train: error: {disk_full_message(exc, output_dir, save_strategy)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def remove_if_new_and_empty(folder: str, existed: bool) -> None:
+    """Remove ``folder`` if this run created it and left it empty (Transformers creates ``output_dir`` early)."""
+    if not existed:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def usage_error(exc: Exception) -> int:

@@ -462,3 +462,305 @@ def test_huge_eta_is_accepted_with_a_finite_coefficient_and_a_diverged_run_ends_
     assert code == 1 and "Traceback" not in err, err
     assert "allora-trl train: error: ALLoRA stopped training" in err and "allora_eta" in err
     assert not (out / "adapter_model.safetensors").exists()
+
+
+# ----- values that cannot take effect, refused before loading (issue 19) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps", "at least 1"]),
+        (["--max_length", "0"], ["max_length", "at least 1"]),
+        (["--max_length", "-5"], ["max_length", "at least 1"]),
+        (["--max_steps", "0"], ["max_steps", "-1 to train for num_train_epochs"]),
+        (["--max_steps", "-3"], ["max_steps", "got -3"]),
+        (["--max_steps", "-1", "--num_train_epochs", "-1"], ["num_train_epochs", "positive max_steps"]),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], ["num_train_epochs"]),
+        (["--weight_decay", "-0.1"], ["weight_decay", ">= 0"]),
+        (["--learning_rate", "-0.0001"], ["learning_rate", ">= 0"]),
+        (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size", "at least 1"]),
+        (["--per_device_train_batch_size", "-2"], ["per_device_train_batch_size"]),
+        (["--per_device_eval_batch_size", "0"], ["per_device_eval_batch_size"]),
+        (["--eval_batch_size", "0"], ["eval_batch_size", "at least 1"]),
+        (["--save_strategy", "steps", "--save_steps", "-1"], ["save_steps", "save_strategy='no'"]),
+        (["--save_strategy", "steps", "--save_steps", "0"], ["save_steps"]),
+        (["--lora_target_modules", "q_proj,lm_head"], ["lora_target_modules", "'lm_head'", "all-linear"]),
+        (["--lora_target_modules", "embed_tokens"], ["lora_target_modules", "'embed_tokens'", "an embedding"]),
+    ],
+)
+def test_values_that_cannot_take_effect_exit_2_before_loading(tmp_path, capsys, monkeypatch, argv, needles):
+    import transformers
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model")
+    )
+    code, err = run(["train", "--output_dir", str(tmp_path / "o"), "--skip_eval", "true", *argv], capsys)
+    assert_usage_error(code, err, *needles)
+    assert "target_modules`" not in err  # the command's option, not a field of the library
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config_name", ["ALLoRAConfig", "ALLoRADPOConfig", "ALLoRAKTOConfig", "ALLoRARewardConfig"])
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"max_length": 0}, "max_length"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_steps": -3}, "max_steps"),
+        ({"max_steps": -1, "num_train_epochs": -1}, "num_train_epochs"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"learning_rate": -1e-4}, "learning_rate"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"save_strategy": "steps", "save_steps": -1}, "save_steps"),
+    ],
+)
+def test_trainer_configs_refuse_the_same_values(tmp_path, config_name, values, field):
+    import allora_trl
+
+    config_class = getattr(allora_trl, config_name)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        config_class(output_dir=str(tmp_path), **values)
+
+
+@pytest.mark.parametrize("config_name", ["ALLoRAGRPOConfig", "ALLoRARLOOConfig"])
+def test_online_trainer_configs_refuse_a_zero_completion_length(tmp_path, config_name):
+    import allora_trl
+
+    with pytest.raises(ValueError, match="`max_completion_length`"):
+        getattr(allora_trl, config_name)(output_dir=str(tmp_path), max_completion_length=0)
+    getattr(allora_trl, config_name)(output_dir=str(tmp_path), save_strategy="no", save_steps=-1)  # not applied
+
+
+def test_embedding_targets_are_found_by_module_type_after_loading():
+    from allora_trl.job.arguments import UsageError, check_no_embedding_targets
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.proj, self.head = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    check_no_embedding_targets(["proj"], Tiny())
+    with pytest.raises(UsageError, match="'tokens' \\(an embedding\\)"):
+        check_no_embedding_targets(["proj", "tokens"], Tiny())
+    with pytest.raises(UsageError, match="'head' \\(the output layer\\)"):
+        check_no_embedding_targets(["head"], Tiny())
+
+
+# ----- data quietly lost (issue 19) ---------------------------------------------------------------------------------
+
+
+def tiny_run_argv(out, model_dir, data, *extra):
+    return [
+        "train",
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        model_dir,
+        "--dataset_path",
+        str(data),
+        "--skip_eval",
+        "true",
+        "--per_device_train_batch_size",
+        "4",
+        "--lora_r",
+        "2",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
+
+
+def test_rows_too_long_are_counted_and_summary_records_the_rows_used(tmp_path, tiny_model_dir, qa_dataset, caplog):
+    rows = qa_dataset.to_list()
+    for row in rows[:24]:  # a prompt far beyond max_length: TRL keeps no completion token and drops the row
+        row["prompt"] = "Question: " + "What colour is the sky? " * 20 + "\nAnswer:"
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="allora_trl"):
+        assert main(tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "1", "--max_length", "32")) == 0
+    assert any(
+        "24 of 64 training rows dropped" in r.getMessage() and "max_length" in r.getMessage() for r in caplog.records
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 40 and summary["train_examples_dropped"] == 24
+
+
+def test_every_row_too_long_exits_2_naming_max_length_and_writes_nothing(tmp_path, capsys, tiny_model_dir, qa_dataset):
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    code, err = run(tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "1", "--max_length", "3"), capsys)
+    assert_usage_error(code, err, "max_length 3", "all 64 training rows", "raise --max_length")
+    assert not out.exists()
+
+
+# ----- faults: a full disk, Ctrl-C, incomplete and foreign checkpoints (issue 19) ------------------------------------
+
+
+def error_lines(err):
+    """stderr's lines but for progress bars (datasets' and the trainer's: their lines hold a carriage return)."""
+    return [line for line in err.split("\n") if line.strip() and "\r" not in line]
+
+
+def fail_torch_save_when(monkeypatch, condition, error=None):
+    """Make ``torch.save`` raise (a full disk by default) for the paths where ``condition(path)`` holds."""
+    import errno
+    import os
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and condition(str(f)):
+            raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_disk_full_while_checkpointing_removes_the_partial_checkpoint_and_keeps_the_last(
+    tmp_path, capsys, monkeypatch, tiny_model_dir, qa_dataset
+):
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    fail_torch_save_when(monkeypatch, lambda path: "checkpoint-4" in path)
+    argv = tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
+    code, err = run(argv, capsys)
+    lines = error_lines(err)
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert "the disk is full" in lines[0] and "checkpoint-4" in lines[0]
+    assert str(out / "checkpoint-2") in lines[0] and "--resume_from_checkpoint" in lines[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+def test_disk_full_at_the_final_save_leaves_no_partial_adapter(
+    tmp_path, capsys, monkeypatch, tiny_model_dir, qa_dataset
+):
+    from allora_trl.job.checkpoints import STAGING_FOLDER
+
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    # training_args.bin is written after the adapter's weights: the staged save is cut off half-way
+    fail_torch_save_when(monkeypatch, lambda path: "checkpoint-" not in path)
+    argv = tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    code, err = run(argv, capsys)
+    lines = error_lines(err)
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert "the disk is full" in lines[0] and "saving the trained adapter" in lines[0]
+    assert str(out / "checkpoint-2") in lines[0]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert not (out / STAGING_FOLDER).exists() and not (out / "summary.json").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "save_argv, interrupt_at, needles",
+    [
+        (["--save_strategy", "steps", "--save_steps", "2"], 2, ["checkpoint-2", "--resume_from_checkpoint"]),
+        ([], 0, ["no checkpoint was saved yet", "nothing to resume from", "--save_strategy steps"]),
+    ],
+)
+def test_ctrl_c_says_where_to_resume_from_and_exits_130(
+    tmp_path, capsys, monkeypatch, tiny_model_dir, qa_dataset, save_argv, interrupt_at, needles
+):
+    import transformers
+
+    data = tmp_path / "qa.jsonl"
+    qa_dataset.to_json(str(data))
+    out = tmp_path / "run"
+    real_step = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == interrupt_at:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+    code, err = run(tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "4", *save_argv), capsys)
+    lines = error_lines(err)
+    assert code == 130 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("allora-trl train: interrupted")
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A finished 2-step run with its checkpoint-2 (LoRA r=2 on all linear layers of the tiny model)."""
+    from conftest import qa_records
+
+    root = tmp_path_factory.mktemp("finished")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in qa_records(64)))
+    out = root / "run"
+    argv = tiny_run_argv(out, tiny_model_dir, data, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    assert main(argv) == 0
+    return out, data
+
+
+def test_bare_resume_skips_an_incomplete_checkpoint(tmp_path, capsys, caplog, tiny_model_dir, finished_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    incomplete = out / "checkpoint-4"  # a save cut off before trainer_state.json: resuming from it would crash
+    incomplete.mkdir()
+    shutil.copy(out / "checkpoint-2" / "adapter_config.json", incomplete)
+    argv = tiny_run_argv(out, tiny_model_dir, finished_run[1], "--max_steps", "3", "--resume_from_checkpoint")
+    with caplog.at_level("WARNING", logger="allora_trl"):
+        assert main(argv) == 0
+    assert any("skipping checkpoint-4" in r.getMessage() for r in caplog.records)
+    steps = [row["step"] for row in json.loads((out / "summary.json").read_text())["log_history"] if "loss" in row]
+    assert steps == [1, 2, 3]  # 1 and 2 from checkpoint-2's history, then step 3
+
+
+def test_bare_resume_with_only_incomplete_checkpoints_names_them(tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / "checkpoint-3").mkdir(parents=True)
+    code, err = run(["train", "--output_dir", str(out), "--resume_from_checkpoint"], capsys)
+    assert_usage_error(code, err, "resume_from_checkpoint", "no complete checkpoint", "checkpoint-3")
+
+
+def other_model_dir(path, tiny_model_dir):
+    """The tiny model's tokenizer on a model of another shape (3 layers, hidden size 32)."""
+    import shutil
+
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 3, 32, 64
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_model_dir}/{name}", path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ("model", ["is another model's checkpoint", "--model_name_or_path"]),
+        (["--lora_r", "4"], ["lora_r 2", "lora_r 4", "--lora_r 2"]),
+        (["--lora_target_modules", "q_proj,v_proj"], ["other layers", "--lora_target_modules"]),
+    ],
+)
+def test_resuming_a_checkpoint_of_another_model_or_lora_says_so(
+    tmp_path, capsys, tiny_model_dir, finished_run, change, needles
+):
+    checkpoint = str(finished_run[0] / "checkpoint-2")
+    model_dir = other_model_dir(tmp_path / "other", tiny_model_dir) if change == "model" else tiny_model_dir
+    extra = [] if change == "model" else change
+    out = tmp_path / "run"
+    argv = tiny_run_argv(out, model_dir, finished_run[1], "--max_steps", "3", "--resume_from_checkpoint", checkpoint)
+    code, err = run([*argv, *extra], capsys)
+    assert_usage_error(code, err, "resume_from_checkpoint", *needles)
+    assert "size" not in err.split("error:")[1].split("(")[0]  # not an optimizer/tensor size mismatch
+    assert not out.exists()

@@ -8,7 +8,9 @@ exits with status 2, without a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,17 +146,28 @@ def resolve_resume(value, output_dir: str) -> str | None:
     Accepts what a user may write on the command line or in YAML: no value / ``true`` (the latest ``checkpoint-*``
     in ``output_dir``), ``false`` (no resume), or a path.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     word = str(value).strip().lower() if value is not None else None
     if value is None or value is False or word in FALSE_WORDS:
         return None
     if value is True or word in TRUE_WORDS:
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last = latest_complete_checkpoint(output_dir)
+        incomplete = [folder.name for folder in checkpoint_folders(output_dir) if not is_complete_checkpoint(folder)]
         if last is None:
+            found = (
+                f" (only incomplete ones: {', '.join(incomplete)}, without trainer_state.json)" if incomplete else ""
+            )
             raise UsageError(
-                f"resume_from_checkpoint: no checkpoint-* folder in output_dir {output_dir!r} to resume from; pass "
-                "--resume_from_checkpoint PATH of a checkpoint folder, or the --output_dir of the run to continue."
+                f"resume_from_checkpoint: no {'complete ' if incomplete else ''}checkpoint-* folder in output_dir "
+                f"{output_dir!r} to resume from{found}; pass --resume_from_checkpoint PATH of a checkpoint folder, "
+                "or the --output_dir of the run to continue."
+            )
+        newer = [name for name in incomplete if checkpoint_step(Path(name)) > checkpoint_step(Path(last))]
+        if newer:
+            logging.getLogger("allora_trl").warning(
+                "resume_from_checkpoint: skipping %s (incomplete: no trainer_state.json, e.g. a save that was cut "
+                "off); resuming from %s, the latest complete checkpoint.",
+                ", ".join(newer),
+                last,
             )
         return last
     path = Path(str(value)).expanduser()
@@ -169,6 +182,35 @@ def resolve_resume(value, output_dir: str) -> str | None:
             "checkpoint-* folder of a run saved with save_strategy steps or epoch."
         )
     return str(path)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder (-1 for any other name)."""
+    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    return int(match[1]) if match else -1
+
+
+def checkpoint_folders(output_dir: str) -> list[Path]:
+    """The ``checkpoint-<step>`` folders in ``output_dir``, by step."""
+    root = Path(output_dir).expanduser()
+    if not root.is_dir():
+        return []
+    return sorted((f for f in root.iterdir() if f.is_dir() and checkpoint_step(f) >= 0), key=checkpoint_step)
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A checkpoint whose save finished: Transformers writes ``trainer_state.json`` last."""
+    return (folder / "trainer_state.json").is_file()
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in ``output_dir``, or None.
+
+    Unlike ``transformers.trainer_utils.get_last_checkpoint``, a folder without ``trainer_state.json`` (a save cut
+    off by a full disk or a kill) is skipped instead of being picked and failing the resume.
+    """
+    complete = [folder for folder in checkpoint_folders(output_dir) if is_complete_checkpoint(folder)]
+    return str(complete[-1]) if complete else None
 
 
 def check_writable(output_dir: str) -> None:
@@ -240,6 +282,12 @@ def validate(script_args: TrainScriptArguments, training_args) -> None:
         raise UsageError(
             "lora_target_modules is empty: pass comma-separated module names (e.g. q_proj,v_proj) or all-linear."
         )
+    if script_args.lora_target_modules != "all-linear":
+        check_no_embedding_targets(split_list(script_args.lora_target_modules))
+    if script_args.eval_batch_size < 1:
+        raise UsageError(
+            f"eval_batch_size must be at least 1 (questions per batch), got {script_args.eval_batch_size}."
+        )
     if script_args.max_train_examples is not None and script_args.max_train_examples <= 0:
         raise UsageError(f"max_train_examples must be positive, got {script_args.max_train_examples}.")
 
@@ -258,6 +306,54 @@ def validate(script_args: TrainScriptArguments, training_args) -> None:
             f"output_dir {str(output_dir)!r} exists and is not empty; nothing was written. Pass "
             "--overwrite_output_dir true to write into it, choose another --output_dir, or pass "
             "--resume_from_checkpoint (no value: the latest checkpoint in output_dir) to continue a run."
+        )
+
+
+# Names that transformers' causal LMs give their input embeddings and output layer (lm_head).
+EMBEDDING_NAMES = (
+    "lm_head",
+    "embed_out",
+    "embed_tokens",
+    "embed_in",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "embed_positions",
+    "tok_embeddings",
+)
+
+
+def check_no_embedding_targets(targets: list[str], model=None) -> None:
+    """Refuse ``lora_target_modules`` naming an embedding or the output layer (``lm_head``).
+
+    ALLoRA runs on linear layers inside the model: peft puts an embedding-LoRA layer on an embedding, which ALLoRA
+    cannot take, and TRL computes the log-probabilities from ``lm_head.weight`` directly, so an adapter there would
+    never be trained. Without ``model`` the known names are checked (before loading); with it, what each listed name
+    matches: an ``nn.Embedding`` or the model's output embeddings.
+    """
+    found = {}
+    for target in targets:
+        last = target.rsplit(".", 1)[-1]
+        if last in EMBEDDING_NAMES:
+            found[target] = "the output layer" if last in ("lm_head", "embed_out") else "an embedding"
+    if model is not None:
+        import torch
+
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for name, module in model.named_modules():
+            for target in targets:
+                if target in found or not (name == target or name.endswith("." + target)):
+                    continue
+                if output is not None and module is output:
+                    found[target] = "the output layer"
+                elif isinstance(module, torch.nn.Embedding):
+                    found[target] = "an embedding"
+    if found:
+        named = ", ".join(f"{target!r} ({what})" for target, what in found.items())
+        raise UsageError(
+            f"lora_target_modules names {named}: ALLoRA trains LoRA on the model's inner linear layers only (an "
+            "adapter on lm_head would never be trained: TRL computes the log-probabilities from its weight). Remove "
+            "it, or use all-linear, which leaves the embeddings and lm_head out."
         )
 
 

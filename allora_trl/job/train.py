@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .arguments import UsageError, split_list
+from .arguments import UsageError, check_no_embedding_targets, split_list
 from .assets import commonsense_sft_dataset, smollm2_path
 
 logger = logging.getLogger("allora_trl")
@@ -124,6 +124,37 @@ def remove_old_checkpoints(output_dir: str) -> list[str]:
     return removed
 
 
+def rows_used(trainer, given: int) -> int:
+    """The number of training rows TRL kept of ``given``: warns with the count it dropped, refuses a run with none.
+
+    TRL truncates each row to ``max_length`` and then drops, without a word, the rows left with nothing to learn
+    (a prompt that fills ``max_length`` leaves no completion token). Packed rows are not dropped.
+    """
+    args = trainer.args
+    if getattr(args, "packing", False) or not hasattr(trainer.train_dataset, "__len__"):
+        return given
+    used = len(trainer.train_dataset)
+    why = (
+        f"their prompt fills max_length ({args.max_length} tokens), leaving no completion token to learn from"
+        if args.max_length is not None
+        else "nothing in them is learned from"
+    )
+    if used == 0:
+        raise UsageError(
+            f"max_length {args.max_length}: all {given} training rows would be dropped ({why}); raise --max_length "
+            "or shorten the prompts."
+        )
+    if used < given:
+        logger.warning(
+            "%d of %d training rows dropped (%s); training on the other %d. Raise --max_length to keep them.",
+            given - used,
+            given,
+            why,
+            used,
+        )
+    return used
+
+
 def run_training(script_args, training_args) -> dict:
     """Run the whole job; returns the summary that is also written to ``summary.json``."""
     import torch
@@ -131,7 +162,7 @@ def run_training(script_args, training_args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.model import check_target_modules
-    from ..trainers.sft import ALLoRATrainer
+    from .checkpoints import JobTrainer, check_resume_checkpoint, save_final_adapter
     from .evaluation import evaluate_multiple_choice
     from .plots import plot_loss_curve
 
@@ -164,6 +195,9 @@ def run_training(script_args, training_args) -> dict:
         check_target_modules(model, target_modules, "lora_target_modules")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not isinstance(target_modules, str):
+        check_no_embedding_targets(target_modules, model)
+    check_resume_checkpoint(training_args.resume_from_checkpoint, model, script_args.lora_r, str(model_path))
     if script_args.overwrite_output_dir and training_args.resume_from_checkpoint is None:
         remove_old_checkpoints(training_args.output_dir)
 
@@ -185,15 +219,16 @@ def run_training(script_args, training_args) -> dict:
         target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
-    trainer = ALLoRATrainer(
+    trainer = JobTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    train_examples = rows_used(trainer, len(train_dataset))
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    save_final_adapter(trainer, training_args.output_dir)  # all or nothing
 
     summary = {}
     if trainer.is_world_process_zero():
@@ -210,7 +245,8 @@ def run_training(script_args, training_args) -> dict:
         summary = {
             "model": str(model_path),
             "data": data_name,
-            "train_examples": len(train_dataset),
+            "train_examples": train_examples,  # the rows trained on: TRL drops rows with nothing to learn
+            "train_examples_dropped": len(train_dataset) - train_examples,
             "allora": {
                 "eta": training_args.allora_eta,
                 "coefficient": training_args.allora_coefficient,

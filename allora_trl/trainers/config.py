@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -20,6 +21,65 @@ def accelerator_available() -> bool:
         if backend is not None and getattr(backend, "is_available", lambda: False)():
             return True
     return False
+
+
+# Length limits of TRL's configs (those a config has): None means no limit, a number must be at least 1 token.
+LENGTH_FIELDS = ("max_length", "max_prompt_length", "max_completion_length")
+
+
+def check_training_values(args) -> None:
+    """Raise ``ValueError`` naming the field and the fix for values Transformers and TRL accept but cannot apply.
+
+    The one check behind the trainer configs (:class:`ALLoRAArguments`) and ``allora-trl train``: without it
+    ``gradient_accumulation_steps=0`` fails with a ZeroDivisionError, ``max_steps=0`` takes one step, a negative
+    ``max_steps`` other than -1 trains ``num_train_epochs`` epochs, ``num_train_epochs <= 0`` writes an untrained
+    adapter, a negative ``weight_decay`` or learning rate escapes torch's checks through the parameter groups, and a
+    batch size, length limit or ``save_steps`` of 0 or less fails deep in training or saving. ``args`` is any
+    ``TrainingArguments``-like object (read before ``TrainingArguments.__post_init__`` converts it).
+    """
+
+    def number(name):
+        value = getattr(args, name, None)
+        return None if isinstance(value, bool) else value
+
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = number(name)
+        if value is not None and value < 1:
+            hint = "1 = no accumulation" if name == "gradient_accumulation_steps" else "examples per device and step"
+            raise ValueError(f"`{name}` must be an integer of at least 1 ({hint}), got {value}.")
+    for name in LENGTH_FIELDS:
+        value = number(name)
+        if value is not None and value < 1:
+            raise ValueError(
+                f"`{name}` must be a number of tokens of at least 1 (or None for no limit), got {value}; "
+                f"set {name} to the longest sequence to keep (e.g. 1024)."
+            )
+    max_steps, epochs = number("max_steps"), number("num_train_epochs")
+    if max_steps is not None and max_steps <= 0 and max_steps != -1:
+        effect = "one step" if max_steps == 0 else f"num_train_epochs={epochs} epochs instead"
+        raise ValueError(
+            f"`max_steps` must be a positive number of steps, or -1 to train for num_train_epochs; got {max_steps} "
+            f"(Transformers would silently train {effect})."
+        )
+    if max_steps == -1 and epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(
+            f"`num_train_epochs` must be a positive finite number when max_steps is -1 (train by epochs), got "
+            f"{epochs}; set num_train_epochs > 0 or a positive max_steps."
+        )
+    for name, example in (("learning_rate", "2e-4"), ("weight_decay", "0.0, no decay")):
+        value = number(name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"`{name}` must be a finite number >= 0 (e.g. {example}), got {value}.")
+    for steps, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy")):
+        value = number(steps)
+        if getattr(args, strategy, None) == "steps" and value is not None and not value > 0:
+            raise ValueError(
+                f"`{steps}` must be > 0 with {strategy}='steps' (a number of steps, or below 1 a fraction of the "
+                f"run), got {value}; set a positive {steps}, or {strategy}='no'."
+            )
+    value = number("eval_steps")
+    if getattr(args, "eval_strategy", None) == "steps" and value is not None and not value > 0:
+        raise ValueError(f"`eval_steps` must be > 0 with eval_strategy='steps' (or None: logging_steps), got {value}.")
 
 
 @dataclass
@@ -84,6 +144,7 @@ class ALLoRAArguments:
                 "Set use_vllm=False: completions are then generated with transformers, through peft's forward."
             )
         self.allora_eta = validate_settings(self.allora_eta, self.allora_coefficient, self.allora_scale, "allora_")
+        check_training_values(self)
         on_accelerator = accelerator_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = on_accelerator and not self.fp16
