@@ -211,7 +211,9 @@ def backward_factors_for(variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dt
     """The layer's :class:`BackwardFactors` for the coming backward: from the cache (eager) or its operator
     (compiled)."""
     if torch.compiler.is_compiling():  # c is a constant of the step: no gradient flows into the operator
-        return BackwardFactors(*torch.ops.allora_trl.backward_factors(lora_A.detach(), lora_B.detach(), variant.handle, dtype))
+        return BackwardFactors(
+            *torch.ops.allora_trl.backward_factors(lora_A.detach(), lora_B.detach(), variant.handle, dtype)
+        )
     return variant.cache.factors(variant, lora_A, lora_B, dtype)
 
 

@@ -149,33 +149,33 @@ class ALLoRAFunction(torch.autograd.Function):
     """``y = (x A^T) B^T`` forward; the ALLoRA rule with the weight coefficient (module docstring) backward.
 
     ``x``: (..., n_in); ``lora_A``: (r, n_in); ``lora_B``: (n_out, r); ``coefficient`` (n_out, 1) and ``b_both``
-    (n_out, 2r) from :class:`BackwardFactors`. All share one dtype; the caller casts.
+    (n_out, 2r) from :class:`BackwardFactors`. All share one dtype; the caller casts. The backward is written with
+    as few Python-level calls as the rule allows: where a step is bound by launching operations, each one counts.
     """
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, coefficient, b_both):
         hidden = x @ lora_A.T  # tokens x r: the same tensor vanilla LoRA keeps for grad_B
-        ctx.save_for_backward(x, lora_A, lora_B, hidden, coefficient, b_both)
+        ctx.save_for_backward(x, lora_A, hidden, coefficient, b_both)  # B is b_both[:, :r]
         return hidden @ lora_B.T
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, lora_A, lora_B, hidden, coefficient, b_both = ctx.saved_tensors
+        x, lora_A, hidden, coefficient, b_both = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # G: tokens x n_out
-        x_2d = x.reshape(-1, x.shape[-1])
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         grad_x = grad_A = grad_B = None
-        if need_B:
-            grad_B = (grad.T @ hidden.reshape(-1, hidden.shape[-1])) * coefficient  # (G * c)^T (X A^T)
+        if need_B:  # (G * c)^T (X A^T) == c * (G^T (X A^T))
+            grad_B = torch.mm(grad.T, hidden.reshape(-1, hidden.shape[-1])).mul_(coefficient)
         r = lora_A.shape[0]
         if need_A and need_x:
-            both = grad @ b_both  # [G B | G (c B)] in one thin matmul
-            grad_x = (both[:, :r] @ lora_A).reshape(x.shape)  # G B A: the input gradient is not scaled
-            grad_A = both[:, r:].T @ x_2d  # (G * c) B, transposed, times X
+            both = torch.mm(grad, b_both)  # [G B | G (c B)] in one thin matmul
+            grad_x = torch.mm(both[:, :r], lora_A).view(x.shape)  # G B A: the input gradient is not scaled
+            grad_A = torch.mm(both[:, r:].T, x.reshape(-1, x.shape[-1]))  # ((G * c) B)^T X
         elif need_A:  # e.g. the first layer, whose input needs no gradient
-            grad_A = (grad @ b_both[:, r:].contiguous()).T @ x_2d
+            grad_A = torch.mm(torch.mm(grad, b_both[:, r:].contiguous()).T, x.reshape(-1, x.shape[-1]))
         elif need_x:
-            grad_x = ((grad @ lora_B) @ lora_A).reshape(x.shape)
+            grad_x = torch.mm(torch.mm(grad, b_both[:, :r]), lora_A).view(x.shape)
         return grad_x, grad_A, grad_B, None, None
 
 
@@ -248,11 +248,14 @@ def allora_lora_forward(
         factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
         factors = BackwardFactors(*(t[0] for t in factors))
     x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        if coefficient == "output":
+    if coefficient == "output":
+        with torch.autocast(device_type, enabled=False):
             output = ALLoRAOutputFunction.apply(x, lora_A, lora_B, eta)
-        else:
+    elif torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
             output = ALLoRAFunction.apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
+    else:
+        output = ALLoRAFunction.apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
     if stats is not None and stats.enabled:
         if coefficient == "output":
             stats.record(output_coefficient(output, eta), lora_row_norms(lora_A, lora_B))

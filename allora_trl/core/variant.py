@@ -9,6 +9,7 @@ checkpointing, DDP, FSDP1/FSDP2 and DeepSpeed ZeRO.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
 from .coefficient_cache import CoefficientCache, backward_factors_for, register_variant
@@ -68,6 +69,9 @@ class ALLoRALinearVariant(LoraVariant):
     def forward(self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter].weight
         lora_B = module.lora_B[active_adapter].weight
+        if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
+            # no backward will run (evaluation, generation, a frozen adapter): plain LoRA at scaling 1
+            return result + F.linear(F.linear(x, lora_A), lora_B).to(result.dtype)
         factors = None
         if self.coefficient == "weight" and self.cache is not None:
             factors = backward_factors_for(self, lora_A, lora_B, compute_dtype(x.device.type, lora_A.dtype))
