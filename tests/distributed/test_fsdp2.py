@@ -123,6 +123,10 @@ def test_fsdp2_matches_single_process(fsdp2_run, reference):
     result = torch.load(fsdp2_run / "result.pt")
     check_against_reference(result, expected)
     assert_same_adapter(fsdp2_run / "adapter", expected_adapter)
+    # Sharded weights are whole only inside their layer's forward: each layer refreshes its coefficient there,
+    # once per optimizer step (FSDP2 gathers again for backward without a second refresh).
+    cache = result["cache"]
+    assert cache["sharded"] and cache["refreshes"] == cache["steps"] * cache["layers"], cache
 
 
 def test_ddp_matches_single_process(tmp_path, reference):
@@ -130,8 +134,12 @@ def test_ddp_matches_single_process(tmp_path, reference):
         "torch_worker.py", "--mode", "ddp", "--optimizer", OPTIMIZER, "--steps", str(STEPS), "--out", str(tmp_path)
     )
     expected, expected_adapter = reference
-    check_against_reference(torch.load(tmp_path / "result.pt"), expected)
+    result = torch.load(tmp_path / "result.pt")
+    check_against_reference(result, expected)
     assert_same_adapter(tmp_path / "adapter", expected_adapter)
+    # Whole weights: one batched refresh per optimizer step for all layers of one shape, at most one per layer.
+    cache = result["cache"]
+    assert not cache["sharded"] and cache["steps"] <= cache["refreshes"] < cache["steps"] * cache["layers"], cache
 
 
 def test_fsdp2_sharded_checkpoint_resumes_to_the_same_weights(tmp_path, fsdp2_run, reference):

@@ -112,6 +112,14 @@ def main() -> None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=args.save_checkpoint)
 
+    # The per-step coefficient cache: how often it refreshed, and whether it saw sharded weights (FSDP2).
+    caches = {id(v.cache): v.cache for v in allora_variants(peft_model)}.values()
+    record["cache"] = {
+        "refreshes": sum(c.refreshes for c in caches),
+        "sharded": any(c.sharded for c in caches),
+        "layers": len(list(allora_variants(peft_model))),
+        "steps": args.steps - args.first_step,
+    }
     # The coefficient is computed from full weights in every process: all ranks must have used the same one.
     gathered = [None] * world
     dist.all_gather_object(gathered, record["layer_stats"])
