@@ -333,3 +333,54 @@ def test_update_scaling_and_statistics_read_the_coefficient_the_backward_applied
     assert stats["allora/coefficient_max"] == applied.max().item()
     assert all(v.cache_entry.factors.coefficient.dtype == torch.bfloat16 for v in allora_variants(model))
     scaling.remove()
+
+
+TRAINERS = ["sft", "dpo", "kto", "grpo", "rloo", "reward"]
+
+
+def trained_lora(trainer) -> dict[str, torch.Tensor]:
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_every_trl_trainer_trains_as_with_the_per_microbatch_rule(name, tiny_model_dir, tmp_path):
+    """Each ALLoRA trainer, 3 AdamW steps from B != 0: the same adapter as the per-micro-batch rule gives."""
+    from datasets import Dataset
+    from test_trl_trainers import CASES as TRL_CASES
+    from test_trl_trainers import build, load_base, lora_config
+    from transformers import AutoTokenizer
+
+    import allora_trl
+    from tests.conftest import qa_records
+
+    kind = TRL_CASES[name][4] if name != "sft" else "causal"
+    torch.manual_seed(0)
+    start = get_peft_model(load_base(tiny_model_dir, kind), lora_config(kind))
+    with torch.no_grad():
+        for n, p in start.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+
+    def run(folder):
+        if name == "sft":
+            args = allora_trl.ALLoRAConfig(
+                output_dir=str(folder), max_steps=3, learning_rate=1e-2, report_to="none", save_strategy="no",
+                per_device_train_batch_size=4, use_cpu=True, seed=0, dataloader_num_workers=0,
+            )  # fmt: skip
+            trainer = allora_trl.ALLoRATrainer(
+                model=copy.deepcopy(start),
+                args=args,
+                train_dataset=Dataset.from_list(qa_records(16)),
+                processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            )
+        else:
+            trainer, _ = build(name, tiny_model_dir, folder, allora=True, peft_model=start)
+            trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
+        return trained_lora(trainer)
+
+    cached = run(tmp_path / "cached")
+    with use_per_microbatch_rule():
+        reference = run(tmp_path / "reference")
+    assert_same_weights(cached, reference)
