@@ -13,9 +13,10 @@ are compared on the same questions. Scoring is lm-eval's ``multiple_choice`` acc
 :func:`allora_trl.job.assets.commonsense_docs`), with per-question correctness kept for the record.
 
 The held-out answer loss (:func:`answer_loss`) is the low-noise metric beside accuracy: the mean negative
-log-likelihood of the gold completion given the prompt, on a fixed sample of the same pools (``loss_limit``
-examples per task). Accuracy moves only when an answer's log-likelihood overtakes another's; the loss moves with
-every change of the model's belief in the gold answer, so much smaller differences between methods resolve.
+log-likelihood of the gold completion given the prompt (:func:`allora_trl.job.evaluation.answer_nll`, which
+``allora-trl train`` reports too), on a fixed sample of the same pools (``loss_limit`` examples per task).
+Accuracy moves only when an answer's log-likelihood overtakes another's; the loss moves with every change of the
+model's belief in the gold answer, so much smaller differences between methods resolve.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import random
 
 from allora_trl.job.assets import COMMONSENSE_TASKS, commonsense_docs, resolve_task, sft_row
-from allora_trl.job.evaluation import evaluate_docs
+from allora_trl.job.evaluation import answer_nll, evaluate_docs  # the job reports the same answer loss
 
 SPLIT_SEED = 20241013  # fixed: the validation halves never change between runs or machines
 SAMPLE_SEED = 1234  # fixed: which questions of a pool are evaluated
@@ -102,62 +103,6 @@ def evaluate(model, tokenizer, tasks, which: str, limit: int | None, batch_size:
     """
     docs = {resolve_task(task): eval_docs(resolve_task(task), which, limit) for task in tasks}
     return evaluate_docs(model, tokenizer, docs, batch_size=batch_size, per_question=True)
-
-
-def _scored_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + completion and how many of them are the completion, cut from the left to ``max_length``.
-
-    The completion's tokens are the tail after the prompt's own tokenization, as TRL's prompt-completion
-    tokenization marks them for the training loss.
-    """
-    ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
-    n_prompt = len(tokenizer(row["prompt"])["input_ids"])
-    n_completion = max(1, len(ids) - n_prompt)
-    if len(ids) > max_length:
-        ids = ids[len(ids) - max_length :]  # the passage's start goes; the answer and what precedes it stay
-    return ids, min(n_completion, len(ids) - 1)
-
-
-def answer_nll(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> list[float]:
-    """Per prompt/completion pair: the mean negative log-likelihood (nats per token) of the completion's tokens.
-
-    Batches are left-padded with explicit position ids, so every completion ends the row and only the last
-    ``longest completion + 1`` positions need logits (``logits_to_keep``): the vocabulary projection, the largest
-    tensor of a small model's forward, is not computed for prompt tokens.
-    """
-    import torch
-
-    limit = max_length
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if positions:
-        limit = min(limit, positions)
-    encoded = [_scored_ids(tokenizer, row, limit) for row in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    device = next(model.parameters()).device
-    out = [float("nan")] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                batch = [encoded[i] for i in order[start : start + batch_size]]
-                width = max(len(ids) for ids, _ in batch)
-                keep = max(n for _, n in batch) + 1
-                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch], device=device)
-                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
-                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-                logits = (
-                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
-                    .logits[:, -keep:-1]
-                    .float()
-                )
-                logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, -keep + 1 :, None])[..., 0]
-                for row, (index, (_, n)) in enumerate(zip(order[start : start + batch_size], batch)):
-                    out[index] = float(-logprobs[row, logprobs.shape[1] - n :].mean())
-    finally:
-        model.train(was_training)
-    return out
 
 
 def answer_loss(model, tokenizer, tasks, which: str, limit: int, batch_size: int = 8, max_length: int = 512) -> dict:

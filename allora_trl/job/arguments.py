@@ -31,7 +31,7 @@ JOB_DEFAULTS = {
     "output_dir": DEFAULT_OUTPUT_DIR,
     "max_steps": 60,
     "per_device_train_batch_size": 8,
-    "learning_rate": 2e-4,
+    "learning_rate": 4e-4,  # twice LoRA's usual 2e-4: ALLoRA's scaling is 1, LoRA's alpha/r = 2 (docs/benchmarks.md)
     "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": 5,
     "logging_steps": 5,

