@@ -30,10 +30,10 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_checked(cmd: list[str], cwd: Path | None = None) -> str:
+def run_checked(cmd: list[str], cwd: Path | None = None, timeout_s: int = TIMEOUT_S) -> str:
     """Run ``cmd``; on failure raise with the tail of its output (the ranks' tracebacks are there)."""
     proc = subprocess.run(
-        cmd, cwd=cwd or HERE, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        cmd, cwd=cwd or HERE, env=worker_env(), capture_output=True, text=True, timeout=timeout_s, check=False
     )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -41,10 +41,10 @@ def run_checked(cmd: list[str], cwd: Path | None = None) -> str:
     return output
 
 
-def torchrun(script: str, *args: str, nproc: int = 2) -> str:
+def torchrun(script: str, *args: str, nproc: int = 2, timeout_s: int = TIMEOUT_S) -> str:
     """``torchrun --standalone`` (a free local port: parallel test runs do not collide)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return run_checked(cmd + [str(HERE / script), *args])
+    return run_checked(cmd + [str(HERE / script), *args], timeout_s=timeout_s)
 
 
 def accelerate_launch(*args: str) -> str:
