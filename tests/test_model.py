@@ -1,6 +1,7 @@
 """apply_allora on real peft models: layers, config, merge, save/reload, and the errors it must raise."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -156,11 +157,16 @@ def test_bad_coefficient_is_an_error(tiny_model_dir):
 # ----- allora_config.json: every setting, a format version, old files, bad files ------------------------------------
 
 from allora_trl.core.model import check_target_modules  # noqa: E402
-from allora_trl.core.settings import ALLoRASettings, read_allora_config  # noqa: E402
+from allora_trl.core.settings import ALLoRASettings, read_allora_config, save_allora_config  # noqa: E402
 
 
-def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_model_dir, tmp_path):
-    model = apply_allora(peft_model(tiny_model_dir), eta=1.5, scale="update")
+def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_model_dir, tmp_path, caplog):
+    from allora_trl.core.update_scaling import enable_update_scaling
+
+    model = apply_allora(peft_model(tiny_model_dir), eta=1.5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert allora_settings(model).scale == "gradient"
+    handle = enable_update_scaling(optimizer, model)  # the scale is recorded once it runs
     assert allora_settings(model).scale == "update"
     save_allora_adapter(model, tmp_path)
     saved = json.loads((tmp_path / ALLORA_CONFIG_NAME).read_text())
@@ -171,8 +177,34 @@ def test_config_records_scale_with_a_format_version_and_load_restores_it(tiny_mo
         "scale": "update",
         "paper": "arXiv:2410.09692",
     }
-    reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    handle.remove()
+    assert allora_settings(model).scale == "gradient"
+    with caplog.at_level(logging.WARNING, logger="allora_trl.core.model"):
+        reloaded = load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    assert any("enable_update_scaling" in r.getMessage() for r in caplog.records)  # the saved scale is not lost
+    assert read_allora_config(tmp_path).scale == "update"
+    assert allora_settings(reloaded) == ALLoRASettings(eta=1.5, coefficient="weight", scale="gradient")
+    enable_update_scaling(torch.optim.AdamW([p for p in reloaded.parameters() if p.requires_grad]), reloaded)
     assert allora_settings(reloaded) == ALLoRASettings(eta=1.5, coefficient="weight", scale="update")
+
+
+def test_apply_allora_refuses_scale_update_which_needs_the_optimizer(tiny_model_dir, tmp_path):
+    """apply_allora(scale="update") used to record "update" while only the gradient rule ran."""
+    model = peft_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="enable_update_scaling.*ALLoRATrainer"):
+        apply_allora(model, scale="update")
+    assert allora_settings(model) is None  # nothing installed
+
+
+def test_load_refuses_an_adapter_whose_scaling_is_not_one(tiny_model_dir, tmp_path):
+    """load_allora_adapter on lora_alpha != r would change the adapter's outputs (PeftModel.from_pretrained's)."""
+    model = peft_model(tiny_model_dir, lora_alpha=8, lora_dropout=0.0)  # r = 4: scaling 2
+    randomise_B(model)
+    model.save_pretrained(tmp_path)
+    save_allora_config(ALLoRASettings(), tmp_path)
+    with pytest.raises(ValueError, match=r"lora_alpha 8 != r 4.*PeftModel.from_pretrained") as info:
+        load_allora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    assert "adapter_config.json" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_update_scale_with_output_coefficient_is_refused(tiny_model_dir):

@@ -38,7 +38,8 @@ def lora(**kwargs):
 
 
 def make_trainer(tiny_model_dir, qa_dataset, args, **kwargs):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = kwargs.pop("model", None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir) if model is None else model
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     kwargs.setdefault("peft_config", lora())
     return ALLoRATrainer(model=model, args=args, train_dataset=qa_dataset, processing_class=tokenizer, **kwargs)
@@ -358,3 +359,125 @@ def test_saved_settings_record_the_scale(tiny_model_dir, qa_dataset, tmp_path):
     assert saved["scale"] == "update" and saved["format_version"] >= 1
     card = (tmp_path / "final" / "README.md").read_text()
     assert "scale: update" in card and "eta: 2.0" in card
+
+
+# ----- issue 19: nothing silent (other adapters, pre-trained adapters, resume with other settings) ----------------
+
+
+def randomise_lora_B(model, adapter, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if f"lora_B.{adapter}." in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.1
+
+
+def adapter_logits(model, adapter, ids):
+    """The logits of ``model`` with ``adapter`` active; the active adapter (and what is trainable) is restored.
+
+    In place, not on a copy: a trainer wraps the model's forward in a closure that a deep copy would still call.
+    """
+    active, training = model.active_adapter, model.training
+    model.eval()
+    model.set_adapter(adapter)
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        model.set_adapter(active)
+        model.train(training)
+
+
+def test_a_frozen_second_adapter_is_left_as_it_is(tiny_model_dir, qa_dataset, tmp_path):
+    """Only the adapters being trained are set to ALLoRA's scaling: a frozen one keeps its alpha and its outputs."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora())
+    model.add_adapter("other", lora(r=8, lora_alpha=16))
+    randomise_lora_B(model, "other")
+    ids = torch.randint(0, 100, (2, 10))
+    before = adapter_logits(model, "other", ids)
+    trainer = ALLoRATrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=qa_dataset,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    assert trainer.allora_adapters == ["default"]
+    assert trainer.model.peft_config["other"].lora_alpha == 16
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    torch.testing.assert_close(adapter_logits(model, "other", ids), before, rtol=0, atol=0)
+    assert json.loads((tmp_path / "final" / "other" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    assert not (tmp_path / "final" / "other" / ALLORA_CONFIG_NAME).exists()  # never given the rule
+
+
+def test_a_pretrained_adapter_with_alpha_not_r_is_refused_and_left_unchanged(tiny_model_dir, qa_dataset, tmp_path):
+    """Scaling 1 would change a trained adapter's outputs: refused in one line naming the fix, nothing changed."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora(lora_alpha=8))
+    randomise_lora_B(model, "default")
+    ids = torch.randint(0, 100, (2, 10))
+    before = adapter_logits(model, "default", ids)
+    with pytest.raises(ValueError, match=r"lora_alpha 8 != r 4.*merge_and_unload") as info:
+        make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), model=model, peft_config=None)
+    assert "\n" not in str(info.value)
+    assert model.peft_config["default"].lora_alpha == 8
+    torch.testing.assert_close(adapter_logits(model, "default", ids), before, rtol=0, atol=0)
+
+
+def test_a_pretrained_adapter_with_only_dropout_is_normalised(tiny_model_dir, qa_dataset, tmp_path, caplog):
+    """Dropout does not change a trained adapter's outputs: set to 0 with a warning, as before."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora(lora_dropout=0.05))
+    randomise_lora_B(model, "default")
+    with caplog.at_level(logging.WARNING, logger="allora_trl.trainers.sft"):
+        trainer = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path), model=model, peft_config=None)
+    assert any("lora_dropout 0.05 -> 0.0" in r.getMessage() for r in caplog.records)
+    assert trainer.model.peft_config["default"].lora_dropout == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message, how",
+    [
+        ({"allora_eta": 4.0}, r"allora_eta=2\.0.*allora_eta=4\.0", "path"),
+        ({"allora_eta": 5.0}, r"allora_eta=2\.0.*allora_eta=5\.0", "latest"),
+        ({"allora_coefficient": "output"}, r"allora_coefficient='weight'.*allora_coefficient='output'", "path"),
+        ({"allora_scale": "update"}, r"allora_scale='gradient'.*allora_scale='update'", "latest"),
+    ],
+)
+def test_resume_with_other_allora_settings_is_refused(tiny_model_dir, qa_dataset, tmp_path, overrides, message, how):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, logging_steps=1)
+    first = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, **common), callbacks=[StopAt(2)])
+    first.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert json.loads((checkpoint / ALLORA_CONFIG_NAME).read_text())["eta"] == 2.0
+    resumed = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, **common, **overrides))
+    before = adapter_state(resumed.model)
+    with pytest.raises(ValueError, match=message) as info:
+        resumed.train(resume_from_checkpoint=str(checkpoint) if how == "path" else True)
+    assert "checkpoint-2" in str(info.value) and "new output_dir" in str(info.value)
+    assert resumed.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-4").exists()
+    for key, value in adapter_state(resumed.model).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_resume_with_the_same_settings_is_accepted(tiny_model_dir, qa_dataset, tmp_path):
+    common = dict(max_steps=2, save_strategy="steps", save_steps=1, per_device_train_batch_size=2, allora_eta=3.0)
+    first = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, **common), callbacks=[StopAt(1)])
+    first.train()
+    resumed = make_trainer(tiny_model_dir, qa_dataset, make_args(tmp_path, **common))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+
+
+def test_default_output_dir_names_the_trainer_by_a_class_attribute(tiny_model_dir):
+    """Without ``args``: ``<model>-ALLoRA`` for SFT, ``<model>-ALLoRA-DPO`` for DPO, from a class attribute (not a test
+    of the card name ``"ALLoRA (SFT)"``), so a subclass can choose its own."""
+    import allora_trl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = str(model.config._name_or_path).rstrip("/").split("/")[-1]
+    for cls, expected in ((ALLoRATrainer, f"{name}-ALLoRA"), (allora_trl.ALLoRADPOTrainer, f"{name}-ALLoRA-DPO")):
+        assert cls._resolve_args(cls.__new__(cls), None, model).output_dir == expected
+
+    class Renamed(ALLoRATrainer):
+        default_output_suffix = "-mine"
+
+    assert Renamed._name == "ALLoRA (SFT)"
+    assert Renamed._resolve_args(Renamed.__new__(Renamed), None, model).output_dir == f"{name}-ALLoRA-mine"

@@ -224,3 +224,86 @@ def test_configs_share_one_definition_of_the_allora_fields():
         assert issubclass(config, ALLoRAArguments)
         assert {f.name for f in fields(config) if f.name.startswith("allora_")} == own
         assert "allora_eta" not in vars(config).get("__annotations__", {})  # inherited, not redefined
+
+
+# ----- issue 19: nothing silent --------------------------------------------------------------------------------------
+
+
+def test_dpo_refuses_a_pretrained_adapter_whose_scaling_is_not_one(tiny_model_dir, tmp_path):
+    """Scaling 1 would change the adapter's outputs and its reference copy's: refused, the caller's model unchanged."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_base(tiny_model_dir, "causal"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    ids = torch.randint(4, 100, (2, 10))
+    with torch.no_grad():
+        before = model.eval()(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"lora_alpha 8 != r 4.*merge_and_unload.*DPOTrainer") as info:
+        allora_trl.ALLoRADPOTrainer(
+            model=model,
+            args=allora_trl.ALLoRADPOConfig(**config_values(tmp_path, dict(max_length=48))),
+            train_dataset=Dataset.from_list(preference_rows()),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        )
+    assert "\n" not in str(info.value)
+    assert model.peft_config["default"].lora_alpha == 8 and "ref" not in model.peft_config
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def inf_reward(completions, **kwargs):
+    return [float("inf")] + [1.0] * (len(completions) - 1)
+
+
+def test_a_non_finite_reward_stops_grpo_like_a_non_finite_loss(tiny_model_dir, tmp_path):
+    from allora_trl.core.callback import NonFiniteTrainingError
+
+    values = config_values(tmp_path, CASES["grpo"][3])
+    trainer = allora_trl.ALLoRAGRPOTrainer(
+        model=load_base(tiny_model_dir, "causal"),
+        args=allora_trl.ALLoRAGRPOConfig(**values),
+        train_dataset=Dataset.from_list(prompt_rows()),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        peft_config=lora_config("causal"),
+        reward_funcs=inf_reward,
+    )
+    with pytest.raises(NonFiniteTrainingError, match="reward"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-1" / "adapter_model.safetensors").exists()
+
+
+def test_nan_of_a_reward_function_that_returned_none_throughout_is_not_a_divergence():
+    """TRL logs NaN for a reward function that returned None for every completion of a step: not a divergence."""
+    from types import SimpleNamespace
+
+    from allora_trl.core.callback import ALLoRACallback, NonFiniteTrainingError
+
+    callback = ALLoRACallback(SimpleNamespace())
+    state = SimpleNamespace(global_step=3)
+    callback.on_log(None, state, None, logs={"loss": 0.1, "reward": 1.0, "rewards/maybe/mean": float("nan")})
+    for logs in ({"rewards/maybe/mean": float("inf")}, {"reward": float("nan")}, {"rewards/chosen": float("-inf")}):
+        with pytest.raises(NonFiniteTrainingError, match="non-finite"):
+            callback.on_log(None, state, None, logs={"loss": 0.1, **logs})
+
+
+def test_reward_trainer_without_peft_config_trains_a_classification_lora_and_the_score_head(tiny_model_dir, tmp_path):
+    """No peft_config: a causal-LM LoRA used to fail with an AttributeError; now LoRA on the body, the head trained."""
+    trainer = allora_trl.ALLoRARewardTrainer(
+        model=load_base(tiny_model_dir, "seq_cls"),
+        args=allora_trl.ALLoRARewardConfig(**config_values(tmp_path, dict(max_length=48, save_strategy="no"))),
+        train_dataset=Dataset.from_list(preference_rows()),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    config = trainer.model.peft_config["default"]
+    assert config.task_type == "SEQ_CLS" and "score" in config.modules_to_save and config.r == config.lora_alpha == 16
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any(".score." in n for n in trainable) and not any("lora_" in n and "score" in n for n in trainable)
+    score_before = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".score." in n and p.requires_grad
+    }
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], value) for n, value in score_before.items())

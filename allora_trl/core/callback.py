@@ -7,9 +7,9 @@ the finite-number guard and the checkpoint record are the same whichever framewo
   rule of transformers' ``DefaultFlowCallback``), so other steps pay nothing; at the end of such a step the values
   are handed to the trainer's own metric store (TRL's ``_metrics``, Axolotl's ``store_metrics``), so they reach
   every reporter and ``trainer_state.json`` in the same log line as the loss.
-* Non-finite values: a logged loss, gradient norm or coefficient that is NaN or infinite stops training with an
-  error (``NonFiniteTrainingError``) before anything more is saved, instead of a run that ends "successfully" with
-  a NaN adapter.
+* Non-finite values: a logged loss, gradient norm, coefficient or reward (GRPO/RLOO's ``reward``, ``rewards/...``,
+  DPO/KTO's ``rewards/chosen``...) that is NaN or infinite stops training with an error (``NonFiniteTrainingError``)
+  before anything more is saved, instead of a run that ends "successfully" with a NaN adapter.
 * ``allora_config.json`` is written into every checkpoint folder (when ``write_checkpoint_config``; the TRL mixin
   writes it from ``save_model`` itself).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -34,6 +35,10 @@ STAT_REDUCTIONS = {
     "allora/row_norm_mean": "mean",
 }
 WATCHED_LOG_KEYS = ("loss", "grad_norm", *STAT_REDUCTIONS)
+# Every logged key naming a reward is watched too (a reward function returning inf, a diverged reward model). The one
+# NaN that is not a divergence: TRL's GRPO/RLOO log ``rewards/<function>/mean`` (and ``/std``) as NaN when that
+# function returned None for every completion of the step (TRL's way for a function to abstain).
+_ABSTAINED_REWARD = re.compile(r"(eval_)?rewards/[^/]+/(mean|std)")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -90,10 +95,18 @@ class ALLoRACallback(TrainerCallback):
             logs.update(self.pending)
             self.pending = {}
         bad = {key: logs[key] for key in WATCHED_LOG_KEYS if _is_non_finite(logs.get(key))}
+        bad.update(
+            (key, value)
+            for key, value in logs.items()
+            if "reward" in key
+            and _is_non_finite(value)
+            and not (_ABSTAINED_REWARD.fullmatch(key) and math.isnan(float(value)))
+        )
         if bad:
             raise NonFiniteTrainingError(
                 f"ALLoRA stopped training at step {state.global_step}: non-finite {bad}. Nothing more is saved. "
-                "Lower the learning rate or allora_eta, enable gradient clipping (max_grad_norm), or check the data."
+                "Lower the learning rate or allora_eta, enable gradient clipping (max_grad_norm), or check the data "
+                "(and the reward functions)."
             )
 
     def on_save(self, args, state, control, **kwargs):

@@ -167,11 +167,21 @@ def apply_allora(
     and returns the model. Raises for a model with no LoRA layers, for DoRA / rsLoRA / LoRA-bias adapters, and for
     LoRA layer types other than ``Linear`` (and peft's bitsandbytes 4-/8-bit ``Linear``), naming them.
 
-    ``scale`` is recorded on the layers (so :func:`allora_settings` and ``allora_config.json`` report it) but not
-    acted on here: ``scale="update"`` also needs :func:`~allora_trl.core.update_scaling.enable_update_scaling` on
-    the optimizer, which ``ALLoRATrainer`` does itself.
+    ``scale`` can only be ``"gradient"`` here (the paper's rule, which the layers run). ``scale="update"`` acts
+    through the optimizer, which does not exist yet: install the rule here, then call
+    :func:`~allora_trl.core.update_scaling.enable_update_scaling` on the optimizer, which records ``"update"`` on the
+    layers it wires (so :func:`allora_settings` and ``allora_config.json`` never say ``"update"`` while only the
+    gradient rule runs). ``ALLoRATrainer(args=ALLoRAConfig(allora_scale="update"))`` does both. Asking for
+    ``"update"`` here raises, saying so.
     """
     settings = ALLoRASettings(eta=eta, coefficient=coefficient, scale=scale)  # validates all three together
+    if settings.scale != DEFAULT_SCALE:
+        raise ValueError(
+            f"apply_allora installs the gradient rule only; scale={settings.scale!r} acts through the optimizer: call "
+            "apply_allora(model, ...) without `scale`, then allora_trl.core.update_scaling.enable_update_scaling("
+            "optimizer, model) once the optimizer exists (it records the scale on the layers it wires), or train with "
+            f"ALLoRATrainer(args=ALLoRAConfig(allora_scale={settings.scale!r})), which does both."
+        )
     eta = settings.eta
     peft_configs = getattr(model, "peft_config", None)
     if not peft_configs:
@@ -271,18 +281,57 @@ def load_allora_adapter(
     outputs. Use this to continue training with the ALLoRA rule. ``allora_config.json`` is read (and any problem
     reported) before the adapter weights are loaded.
 
-    Every saved setting is restored on the model: ``allora_settings(model)`` returns them. ``scale="update"`` acts
-    through the optimizer, which does not exist yet here; to continue such a run in your own loop::
+    The saved eta and coefficient are restored on the model (``allora_settings(model)`` returns them).
+    ``scale="update"`` acts through the optimizer, which does not exist yet here: the layers run the gradient rule
+    (and ``allora_settings`` says ``"gradient"``, with a warning) until it is wired; to continue such a run in your
+    own loop::
 
         model = load_allora_adapter(base, path)
-        if allora_settings(model).scale == "update":
-            enable_update_scaling(optimizer, model)   # allora_trl.core.update_scaling
+        if read_allora_config(path).scale == "update":
+            enable_update_scaling(optimizer, model)   # allora_trl.core.update_scaling: now records "update"
 
-    (``ALLoRATrainer`` takes the scale from its ``allora_scale`` argument instead.)
+    (``ALLoRATrainer`` takes the scale from its ``allora_scale`` argument and wires it itself.)
+
+    Raises ``ValueError``, before loading any weight, for an ``adapter_config.json`` whose LoRA scaling is not 1
+    (``lora_alpha != r``, or ``alpha_pattern != rank_pattern``): ALLoRA trains at scaling 1, so the adapter's outputs
+    would change (``PeftModel.from_pretrained`` loads it as the plain LoRA it is).
+
+    Args:
+        model (`torch.nn.Module`): the base model the adapter was trained on.
+        adapter_path (`str` or `os.PathLike`): the folder with ``adapter_config.json`` and ``allora_config.json``.
+        is_trainable (`bool`, defaults to True): passed to ``PeftModel.from_pretrained``.
+        **kwargs: passed to ``PeftModel.from_pretrained``.
+
+    Returns:
+        `PeftModel`: the model with the adapter loaded and the ALLoRA rule installed on it.
     """
     settings = read_allora_config(adapter_path)
+    config_path = os.path.join(adapter_path, kwargs.get("subfolder") or "", "adapter_config.json")
+    if os.path.isfile(config_path):  # else PeftModel.from_pretrained reports the missing file
+        config = LoraConfig.from_pretrained(os.path.dirname(config_path))
+        check_lora_config(config)  # DoRA, rsLoRA, LoRA bias
+        scaled = [f"lora_alpha {config.lora_alpha} != r {config.r}"] if config.lora_alpha != config.r else []
+        alpha_pattern, rank_pattern = dict(config.alpha_pattern or {}), dict(config.rank_pattern or {})
+        if alpha_pattern != rank_pattern:
+            scaled.append(f"alpha_pattern {alpha_pattern} != rank_pattern {rank_pattern}")
+        if scaled:
+            raise ValueError(
+                f"{config_path}: {'; '.join(scaled)}, a LoRA scaling other than 1; ALLoRA trains at scaling 1, so "
+                "loading this adapter as ALLoRA would change its outputs. Load it with "
+                "`peft.PeftModel.from_pretrained` (plain LoRA), or merge it into the base (`merge_and_unload()`) and "
+                "train a new ALLoRA adapter."
+            )
     peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable, **kwargs)
-    return apply_allora(peft_model, eta=settings.eta, coefficient=settings.coefficient, scale=settings.scale)
+    if settings.scale != DEFAULT_SCALE:
+        logging.getLogger(__name__).warning(
+            "%s was trained with scale=%r, which acts through the optimizer: the gradient rule runs (and is what "
+            "allora_settings and a save record) until enable_update_scaling(optimizer, model) is called "
+            "(allora_trl.core.update_scaling; ALLoRATrainer(allora_scale=%r) does it).",
+            os.fspath(adapter_path),
+            settings.scale,
+            settings.scale,
+        )
+    return apply_allora(peft_model, eta=settings.eta, coefficient=settings.coefficient)
 
 
 def set_lora_scaling_one(model: torch.nn.Module, adapter_name: str) -> None:

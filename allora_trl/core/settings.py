@@ -208,3 +208,31 @@ def read_allora_config(directory: str | os.PathLike) -> ALLoRASettings:
                 "re-save the adapter with allora-trl."
             ) from None
     return ALLoRASettings.from_json_dict(data, source=path)
+
+
+def check_resume_settings(
+    checkpoint: str | os.PathLike, wanted: ALLoRASettings, adapter_name: str = "default", prefix: str = "allora_"
+) -> ALLoRASettings | None:
+    """Raise ``ValueError`` if a checkpoint was trained with other ALLoRA settings than ``wanted``; return its settings.
+
+    Resuming continues the checkpoint's weights, optimizer state and schedule: with another eta, coefficient or scale
+    it would silently become another run, whose records show only the new values. The message names each differing
+    field (as ``prefix + name``) with both values, and the two fixes. ``adapter_name``'s ``allora_config.json`` is
+    read where peft saves that adapter (the checkpoint folder for ``"default"``, else its sub-folder). Returns None
+    when there is no ``allora_config.json`` there (a checkpoint not written by an ALLoRA run: the caller says so).
+    """
+    folder = os.fspath(checkpoint) if adapter_name == "default" else os.path.join(checkpoint, adapter_name)
+    if not os.path.isfile(os.path.join(folder, ALLORA_CONFIG_NAME)):
+        return None
+    saved = read_allora_config(folder)
+    names = [f.name for f in fields(ALLoRASettings) if f.name != "paper"]
+    differ = [name for name in names if getattr(saved, name) != getattr(wanted, name)]
+    if differ:
+        was = ", ".join(f"{prefix}{name}={getattr(saved, name)!r}" for name in differ)
+        now = ", ".join(f"{prefix}{name}={getattr(wanted, name)!r}" for name in differ)
+        raise ValueError(
+            f"Cannot resume from {os.fspath(checkpoint)!r}: it was trained with {was}, this run sets {now}. Resume "
+            f"with {was} (the checkpoint's), or train with {now} from the start (without resume_from_checkpoint, "
+            "in a new output_dir)."
+        )
+    return saved

@@ -93,6 +93,7 @@ class UpdateScaling:
         self.optimizer = optimizer
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
         self.last_mean_scale: torch.Tensor | None = None
+        self.variants: list[ALLoRALinearVariant] = []  # those enable_update_scaling recorded scale "update" on
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -130,10 +131,12 @@ class UpdateScaling:
         self._pending = []
 
     def remove(self) -> None:
-        """Detach the hooks: the optimizer behaves as before."""
+        """Detach the hooks: the optimizer behaves as before, and the layers record ``scale="gradient"`` again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for variant in self.variants:
+            variant.scale = "gradient"
 
 
 def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> UpdateScaling:
@@ -141,8 +144,28 @@ def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
 
     ``model`` must already have ALLoRA installed (``apply_allora``); ``optimizer`` must be the optimizer whose
     ``step`` updates the LoRA weights (an Accelerate-wrapped optimizer's inner ``.optimizer`` also works: hooks
-    registered on it fire when the wrapper steps). Returns the handle; keep it to ``remove()`` the hooks.
+    registered on it fire when the wrapper steps). Records ``scale="update"`` on the ALLoRA layers it wires, and only
+    on those, so that :func:`~allora_trl.core.model.allora_settings` and ``allora_config.json`` say ``"update"``
+    exactly while the hooks run (``remove()`` records ``"gradient"`` again).
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): the optimizer that steps the LoRA weights.
+        model (`torch.nn.Module`): the peft model with ALLoRA installed.
+
+    Returns:
+        `UpdateScaling`: the handle; keep it to ``remove()`` the hooks.
     """
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # Accelerate's wrapper steps the inner optimizer, whose hooks then fire
-    return UpdateScaling(optimizer, model)
+    scaling = UpdateScaling(optimizer, model)
+    wired = {id(p) for pair in scaling.pairs for p in (pair.lora_A, pair.lora_B)}
+    scaling.variants = [
+        variant
+        for _, layer in iter_lora_layers(model)
+        for name, variant in layer.lora_variant.items()
+        if isinstance(variant, ALLoRALinearVariant)
+        and {id(layer.lora_A[name].weight), id(layer.lora_B[name].weight)} & wired
+    ]
+    for variant in scaling.variants:
+        variant.scale = "update"
+    return scaling

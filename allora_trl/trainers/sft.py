@@ -34,3 +34,4 @@ class ALLoRATrainer(ALLoRATrainerMixin, SFTTrainer):
     """
 
     config_class = ALLoRAConfig
+    default_output_suffix = ""  # <model>-ALLoRA, as SFTTrainer's <model>-SFT; the others add their TRL name

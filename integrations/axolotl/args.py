@@ -11,6 +11,7 @@ supported with it, each with a message that names the field and the fix. With an
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from typing import Any
@@ -149,6 +150,23 @@ def _check_rl(data: dict) -> list[str]:
     ]
 
 
+# Every ``allora_*`` key the plugin knows (``allora_scale`` only to refuse it with a reason): any other is a typo.
+ALLORA_KEYS = ("allora_eta", "allora_coefficient", "allora_scale")
+
+
+def _check_unknown_keys(data: dict) -> list[str]:
+    """An ``allora_*`` key the plugin does not know (``allora_eat: 4``) would be ignored, training at the default:
+    each is a problem naming the key and the nearest known one."""
+    problems = []
+    for key in sorted(k for k in data if isinstance(k, str) and k.startswith("allora_") and k not in ALLORA_KEYS):
+        # compared without the common "allora_" prefix, which would make every key look near
+        names = {k.removeprefix("allora_"): k for k in ALLORA_KEYS}
+        nearest = difflib.get_close_matches(key.removeprefix("allora_"), names, n=1, cutoff=0.6)
+        hint = f"did you mean `{names[nearest[0]]}`?" if nearest else f"its keys are {', '.join(ALLORA_KEYS[:2])}."
+        problems.append(f"`{key}` is not a setting of the ALLoRA plugin: {hint} Correct or remove it.")
+    return problems
+
+
 def _check_scale(data: dict) -> list[str]:
     """The plugin trains the paper's rule only: ``allora_scale: update`` needs the optimizer hooks of allora-trl's
     TRL trainers. Refused in the YAML and in an adapter to be continued (``lora_model_dir``), never dropped."""
@@ -183,7 +201,8 @@ def check_allora_config(data: dict) -> dict:
     Only acts when ``adapter == "allora"``. Fills an unset ``lora_alpha`` with ``lora_r``, an unset
     ``lora_alpha_pattern`` with ``lora_rank_pattern``, an unset ``lora_dropout`` with 0, unset fused-kernel
     switches with false and, with ``load_in_4bit`` / ``load_in_8bit``, ``model_kwargs.quantization_config`` (see
-    :func:`_fill_quantization`). Refuses the ``rl`` modes not in :data:`SUPPORTED_RL`, naming why and what to use.
+    :func:`_fill_quantization`). Refuses the ``rl`` modes not in :data:`SUPPORTED_RL`, naming why and what to use,
+    and ``allora_*`` keys the plugin does not know, naming the nearest known one.
     Idempotent: a config it filled passes again unchanged.
     """
     if not isinstance(data, dict) or data.get("adapter") != ADAPTER_NAME:
@@ -241,6 +260,7 @@ def check_allora_config(data: dict) -> dict:
     problems.extend(_fill_quantization(data))
     problems.extend(_check_rl(data))
     problems.extend(_check_scale(data))
+    problems.extend(_check_unknown_keys(data))
     if data.get("lora_target_parameters"):
         problems.append(
             "`lora_target_parameters` is not supported with adapter: allora (ALLoRA is implemented for LoRA on "
@@ -301,6 +321,9 @@ class ALLoRAArgs(BaseModel):
     def check_allora_adapter(cls, data):
         """Fill and check the LoRA settings ALLoRA fixes; see :func:`check_allora_config`."""
         if isinstance(data, dict) and data.get("adapter") != ADAPTER_NAME:
+            unknown = _check_unknown_keys(data)  # a typo is a typo whichever adapter is chosen
+            if unknown:
+                raise ValueError(" | ".join(unknown))
             unused = [k for k in ("allora_eta", "allora_coefficient") if data.get(k) is not None]
             if unused:
                 LOG.warning(

@@ -12,7 +12,12 @@ How it hooks into Axolotl 0.19 (see README.md for the user-facing side):
 * ``post_lora_load`` installs ALLoRA right after the LoRA layers exist; ``post_model_load`` (a safety net) and
   ``post_trainer_create`` install it where that did not happen, e.g. when the trainer builds the peft model
   (Axolotl hands DPO/IPO/KTO trainers only a LoRA config). ``post_trainer_create`` first runs the same distributed
-  start-up checks as the TRL trainers (``allora_trl.core.distributed.check_distributed_setup``: FSDP1 is refused).
+  start-up checks as the TRL trainers (``allora_trl.core.distributed.check_distributed_setup``: FSDP1 is refused)
+  and refuses to resume (``resume_from_checkpoint``, ``auto_resume_from_checkpoints``) from a checkpoint whose
+  ``allora_config.json`` records another eta or coefficient.
+* With Axolotl's fused LoRA kernels on (``lora_qkv_kernel``, ``lora_o_kernel``, ``lora_mlp_kernel``),
+  ``post_model_load``, which Axolotl calls right after patching its kernels in, rebinds them to ALLoRA's versions
+  (kernels.py) on every block whose LoRA layers carry the rule.
 * ``add_callbacks_post_trainer`` adds the shared :class:`allora_trl.core.callback.ALLoRACallback` (coefficient
   statistics on logged steps, the non-finite stop, ``allora_config.json`` in every checkpoint); ``post_train``
   writes ``allora_config.json`` beside the final adapter.
@@ -29,7 +34,14 @@ from axolotl.utils.logging import get_logger
 from allora_trl.core.callback import ALLoRACallback
 from allora_trl.core.distributed import check_distributed_setup
 from allora_trl.core.model import allora_variants, apply_allora, iter_lora_layers, write_allora_configs
-from allora_trl.core.settings import ALLORA_CONFIG_NAME, DEFAULT_COEFFICIENT, DEFAULT_ETA, read_allora_config
+from allora_trl.core.settings import (
+    ALLORA_CONFIG_NAME,
+    DEFAULT_COEFFICIENT,
+    DEFAULT_ETA,
+    ALLoRASettings,
+    check_resume_settings,
+    read_allora_config,
+)
 
 from .args import ADAPTER_NAME
 
@@ -77,6 +89,55 @@ def _check_scaling_one(model) -> None:
                 )
 
 
+def _log_continued_plain_lora(cfg, model, adapter, eta: float, coefficient: str) -> None:
+    """Say what continuing an adapter from ``lora_model_dir`` changes: the settings a plain LoRA adapter (no
+    ``allora_config.json``) is continued with, and its LoRA dropout, which ALLoRA sets to 0."""
+    if not os.path.isfile(os.path.join(str(cfg.lora_model_dir), ALLORA_CONFIG_NAME)):
+        LOG.warning(
+            f"adapter: allora: `lora_model_dir` {str(cfg.lora_model_dir)!r} has no {ALLORA_CONFIG_NAME} (a plain LoRA "
+            f"adapter): continuing it with ALLoRA at eta={eta}, coefficient={coefficient!r} (the config's values, "
+            "else the defaults). Set `allora_eta` / `allora_coefficient` to choose them."
+        )
+    config = getattr(model, "peft_config", {}).get(adapter)
+    dropout = getattr(config, "lora_dropout", 0.0)
+    if dropout:
+        LOG.warning(
+            f"adapter: allora: the adapter in `lora_model_dir` was saved with lora_dropout={dropout}; ALLoRA trains "
+            "without dropout, so it is continued with lora_dropout 0."
+        )
+
+
+def resume_checkpoint(cfg) -> str | None:
+    """The checkpoint Axolotl will resume from: ``resume_from_checkpoint``, else with ``auto_resume_from_checkpoints``
+    the last ``checkpoint-N`` in ``output_dir`` (Axolotl's ``determine_last_checkpoint``, which runs after
+    ``post_trainer_create``)."""
+    if cfg.resume_from_checkpoint:
+        return str(cfg.resume_from_checkpoint)
+    if not cfg.auto_resume_from_checkpoints or not cfg.output_dir or not os.path.isdir(str(cfg.output_dir)):
+        return None
+    steps = [
+        (int(name.split("-")[-1]), name)
+        for name in os.listdir(str(cfg.output_dir))
+        if name.startswith("checkpoint-") and name.split("-")[-1].isdigit()
+    ]
+    return os.path.join(str(cfg.output_dir), max(steps)[1]) if steps else None
+
+
+def check_resume(cfg, model) -> None:
+    """Refuse to resume from a checkpoint whose ``allora_config.json`` records another eta or coefficient than this
+    run's (the config's, else ``lora_model_dir``'s, else the defaults), naming both values and the fix."""
+    checkpoint = resume_checkpoint(cfg)
+    if not checkpoint or not os.path.isdir(checkpoint):
+        return
+    eta, coefficient = resolve_settings(cfg)
+    try:
+        check_resume_settings(
+            checkpoint, ALLoRASettings(eta=eta, coefficient=coefficient), _trained_adapter(model) or "default"
+        )
+    except ValueError as exc:
+        raise ValueError(f"adapter: allora: {exc}") from None
+
+
 def install_allora(cfg, model) -> bool:
     """Install ALLoRA on the trained adapter of ``model`` if it is a peft model without it; return whether ALLoRA is
     installed. Other adapters (a frozen reference copy) are left as they are: the rule belongs to the trained one."""
@@ -85,9 +146,10 @@ def install_allora(cfg, model) -> bool:
     if _has_allora(model):
         return True
     adapter = _trained_adapter(model)
+    eta, coefficient = resolve_settings(cfg)
     if cfg.lora_model_dir:
         _check_scaling_one(model)
-    eta, coefficient = resolve_settings(cfg)
+        _log_continued_plain_lora(cfg, model, adapter, eta, coefficient)
     apply_allora(model, eta=eta, coefficient=coefficient, adapter_name=adapter)
     count = sum(1 for _ in allora_variants(model, adapter))
     bases = sorted({type(layer.get_base_layer()).__name__ for _, layer in iter_lora_layers(model)})
@@ -165,10 +227,12 @@ class ALLoRAPlugin(BasePlugin):
 
     def post_trainer_create(self, cfg, trainer):
         """Refuse distributed set-ups where ALLoRA's layers would see sharded weights (FSDP1, ...), exactly as the TRL
-        trainers do at construction; then make sure the trained adapter carries the rule."""
+        trainers do at construction, and resuming from a checkpoint trained with other ALLoRA settings; then make
+        sure the trained adapter carries the rule."""
         if cfg.adapter != ADAPTER_NAME:
             return
         check_distributed_setup(trainer.args, getattr(trainer, "accelerator", None), trainer.model)
+        check_resume(cfg, trainer.model)
         if not install_allora(cfg, trainer.model):
             raise RuntimeError(
                 "adapter: allora: the trainer's model has no LoRA adapter to install ALLoRA on "

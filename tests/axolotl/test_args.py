@@ -153,3 +153,13 @@ def test_an_adapter_trained_with_update_scaling_is_not_continued_silently(tmp_pa
     (tmp_path / "allora_config.json").write_text("{not json")
     with pytest.raises(ValidationError, match="lora_model_dir"):
         ALLoRAArgs.model_validate({"adapter": "allora", "lora_r": 8, "lora_model_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("adapter", ["allora", "lora"])
+def test_a_misspelt_allora_key_is_an_error_naming_the_nearest(adapter):
+    """`allora_eat: 4` used to be ignored, training at eta 2."""
+    with pytest.raises(ValidationError, match=r"`allora_eat`.*did you mean `allora_eta`") as info:
+        ALLoRAArgs.model_validate({"adapter": adapter, "lora_r": 4, "allora_eat": 4})
+    assert "\n" not in str(info.value.errors()[0]["msg"])
+    with pytest.raises(ValidationError, match=r"`allora_zzz`.*allora_eta, allora_coefficient"):
+        ALLoRAArgs.model_validate({"adapter": adapter, "lora_r": 4, "allora_zzz": 1})

@@ -240,3 +240,50 @@ def test_a_frozen_reference_adapter_gets_no_rule(plain_lora_model, clean_env):
     for layer in lora_layers(plain_lora_model):
         assert isinstance(layer.lora_variant["default"], ALLoRALinearVariant)
         assert "ref" not in layer.lora_variant and layer.scaling["ref"] == 2.0  # untouched
+
+
+# ----- issue 19: nothing silent --------------------------------------------------------------------------------------
+
+
+class Records(list):
+    """Records of one logger, whatever Axolotl's logging set-up does with propagation."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("axolotl.integrations.allora")
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def test_continuing_a_plain_lora_adapter_says_the_settings_and_the_dropout(load_axolotl_cfg, tiny_model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear"))
+    plain.save_pretrained(tmp_path / "plain")
+
+    cfg = load_axolotl_cfg(lora_model_dir=str(tmp_path / "plain"))
+    with Records() as records:
+        model, _ = load_model(cfg)
+    text = " ".join(records)
+    assert "no allora_config.json" in text and "eta=2.0" in text and "coefficient='weight'" in text
+    assert "lora_dropout=0.05" in text and "lora_dropout 0" in text
+    assert all(isinstance(layer.lora_dropout["default"], torch.nn.Identity) for layer in lora_layers(model))
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_resuming_with_another_eta_is_refused_naming_both_values(plain_lora_model, tmp_path, clean_env, auto):
+    from allora_trl.core.settings import ALLoRASettings, save_allora_config
+
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    save_allora_config(ALLoRASettings(eta=2.0), checkpoint)
+    resume = {"auto_resume_from_checkpoints": True} if auto else {"resume_from_checkpoint": str(checkpoint)}
+    cfg = DictDefault({"adapter": "allora", "allora_eta": 5.0, "output_dir": str(tmp_path / "out"), **resume})
+    with pytest.raises(ValueError, match=r"checkpoint-4.*allora_eta=2\.0.*allora_eta=5\.0.*new output_dir"):
+        ALLoRAPlugin().post_trainer_create(cfg, FakeTrainer(plain_lora_model))
+    same = DictDefault({**cfg, "allora_eta": 2.0})
+    ALLoRAPlugin().post_trainer_create(same, FakeTrainer(plain_lora_model))  # the checkpoint's value: accepted

@@ -70,6 +70,8 @@ def test_other_adapter_unchanged_by_plugin(load_axolotl_cfg):
         ({"rl": "grpo"}, "rl: grpo", "`adapter: lora` for `rl: grpo`"),
         ({"rl": "orpo"}, "rl: orpo", "`adapter: lora` for `rl: orpo`"),
         ({"rl": "simpo"}, "rl: simpo", "`simpo_gamma: 0.5`"),
+        ({"allora_eat": 4}, "allora_eat", "did you mean `allora_eta`?"),  # was ignored: trained at eta 2
+        ({"adapter": "lora", "allora_eat": 4}, "allora_eat", "did you mean `allora_eta`?"),
         ({"lora_mlp_kernel": True}, "lora_mlp_kernel", "lora_mlp_kernel: false"),
     ],
 )
