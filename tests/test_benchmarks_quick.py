@@ -279,3 +279,18 @@ def test_launch_bound_benchmark_prints_positive_ratios(capsys):
     assert [label for label, _ in lines] == ["eager"], lines
     ratios = [float(word) for word in lines[0][1].split() if not word.isalpha()]  # words name the later ratios
     assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), lines
+
+
+def test_gpu_speed_script_runs_on_a_tiny_shape(tmp_path):
+    """The lent-GPU script (benchmarks/gpu_speed.py), checked here on a CPU so that its one GPU run does not fail:
+    every method's ratio to LoRA is recorded, eager and compiled, in the JSON file it writes."""
+    from benchmarks.gpu_speed import main
+
+    out = tmp_path / "speed.json"
+    args = ["--shapes", "tiny", "--compile-shapes", "", "--device", "cpu", "--rounds", "2", "--steps", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (result,) = record["results"]
+    assert result["shape"] == "tiny" and not result["compiled"] and result["lora_step_ms"] > 0
+    for method in ("allora", "allora_update"):
+        assert math.isfinite(result[method]["median"]) and result[method]["median"] > 0
