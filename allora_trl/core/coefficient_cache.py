@@ -27,14 +27,12 @@ refreshes alone, still once per step (the key then leaves out the storage, which
 gather). Whole weights (one process, DDP, ZeRO-1/2) are refreshed in one batched call. The cache is plain Python
 state, not module buffers, so DDP does not broadcast it.
 
-Under ``torch.compile`` the lookup runs inside one opaque custom operator (``allora_trl::backward_factors``), so
-dynamo neither breaks the graph on it nor guards on the step count: no recompiles from step to step.
+Under ``torch.compile`` the factors are computed inside the graph instead (once per forward, fused by the compiler
+into a few kernels): a cache lookup there would make dynamo guard on the step count and recompile every step.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +107,7 @@ class CoefficientCache:
         entry = variant.cache_entry
         key = self._key(lora_A, lora_B, dtype)
         if entry is None or entry.key != key:  # sharded, or not a member (a copied variant): this layer alone
-            self._refresh([(variant, lora_A, lora_B, dtype)])
+            self._refresh([(variant, lora_A, lora_B, dtype, key)])
         return variant.cache_entry.factors
 
     def _live_members(self):
@@ -125,26 +123,31 @@ class CoefficientCache:
                 self.sharded = True
                 return
             dtype = compute_dtype(lora_A.device.type, lora_A.dtype)
+            key = self._key(lora_A, lora_B, dtype)
             entry = variant.cache_entry
-            if entry is None or entry.key != self._key(lora_A, lora_B, dtype):
-                stale.append((variant, lora_A, lora_B, dtype))
+            if entry is None or entry.key != key:
+                stale.append((variant, lora_A, lora_B, dtype, key))
         if stale:
             self._refresh(stale)
 
     @torch.no_grad()
     def _refresh(self, stale: list) -> None:
-        """One :func:`stacked_backward_factors` call per group of layers sharing shapes, dtypes, device and eta."""
+        """One :func:`stacked_backward_factors` call per group of layers sharing shapes, dtypes, device and eta.
+
+        ``stale``: ``(variant, lora_A, lora_B, compute dtype, key)`` per layer.
+        """
         groups: dict[tuple, list] = {}
         for item in stale:
-            variant, lora_A, lora_B, dtype = item
+            variant, lora_A, lora_B, dtype, _ = item
             signature = (lora_A.shape, lora_B.shape, lora_A.dtype, lora_B.dtype, lora_A.device, dtype, variant.eta)
             groups.setdefault(signature, []).append(item)
         for (*_, dtype, eta), items in groups.items():
             factors = stacked_backward_factors(
                 torch.stack([item[1] for item in items]), torch.stack([item[2] for item in items]), eta, dtype
             )
-            for (variant, lora_A, lora_B, _), *layer_factors in zip(items, *factors):
-                variant.cache_entry = _Entry(self._key(lora_A, lora_B, dtype), BackwardFactors(*layer_factors))
+            per_layer = zip(*(tensor.unbind() for tensor in factors))
+            for (variant, *_, key), layer_factors in zip(items, per_layer):
+                variant.cache_entry = _Entry(key, BackwardFactors(*layer_factors))
             self.refreshes += 1
 
     def clear(self) -> None:
@@ -174,46 +177,16 @@ def refresh_allora_coefficients(model: torch.nn.Module) -> None:
                 variant.cache.clear()
 
 
-# ----- torch.compile: the lookup as one opaque operator ------------------------------------------------------------
-
-_handles = itertools.count()
-_VARIANTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def register_variant(variant) -> int:
-    """A handle by which the compiled graph's operator finds ``variant`` (an int is a constant to dynamo)."""
-    handle = next(_handles)
-    _VARIANTS[handle] = variant
-    return handle
-
-
-@torch.library.custom_op("allora_trl::backward_factors", mutates_args=())
-def _backward_factors_op(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, handle: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    variant = _VARIANTS[handle]
-    factors = variant.cache.factors(variant, lora_A, lora_B, dtype)
-    return tuple(t.clone() for t in factors)  # a custom operator's outputs must be its own tensors
-
-
-@_backward_factors_op.register_fake
-def _(lora_A, lora_B, handle, dtype):
-    n_out, r = lora_B.shape
-    norms_dtype = torch.promote_types(dtype, torch.float32)
-    return (
-        lora_B.new_empty((n_out, 1), dtype=dtype),
-        lora_B.new_empty((n_out, 2 * r), dtype=dtype),
-        lora_B.new_empty((n_out,), dtype=norms_dtype),
-    )
-
-
 def backward_factors_for(variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> BackwardFactors:
-    """The layer's :class:`BackwardFactors` for the coming backward: from the cache (eager) or its operator
-    (compiled)."""
-    if torch.compiler.is_compiling():  # c is a constant of the step: no gradient flows into the operator
-        return BackwardFactors(
-            *torch.ops.allora_trl.backward_factors(lora_A.detach(), lora_B.detach(), variant.handle, dtype)
-        )
+    """The layer's :class:`BackwardFactors` for the coming backward.
+
+    Eager: from the cache. In a ``torch.compile`` graph: computed in the graph, where the compiler fuses them into
+    the layer's own kernels; reading Python state there would make dynamo guard on the step count and recompile
+    every step.
+    """
+    if torch.compiler.is_compiling():
+        factors = stacked_backward_factors(lora_A[None], lora_B[None], variant.eta, dtype)
+        return BackwardFactors(*(tensor[0] for tensor in factors))
     return variant.cache.factors(variant, lora_A, lora_B, dtype)
 
 

@@ -101,12 +101,15 @@ def stacked_backward_factors(
     then ``c`` is computed from them in float32 with autocast off, and cast back to ``dtype``. One call costs the
     same number of operations for one layer or for a hundred.
     """
-    with torch.autocast(lora_A.device.type, enabled=False):
-        a = lora_A.detach().to(dtype)
-        b = lora_B.detach().to(dtype)
-        norms = lora_row_norms(a, b)
-        c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
-        return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
+    device_type = lora_A.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return stacked_backward_factors(lora_A, lora_B, eta, dtype)
+    a = lora_A.detach().to(dtype)
+    b = lora_B.detach().to(dtype)
+    norms = lora_row_norms(a, b)
+    c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
+    return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
 
 
 def output_coefficient(lora_output: torch.Tensor, eta: float) -> torch.Tensor:
@@ -142,6 +145,8 @@ class CoefficientStats:
 
 def _in_dtype(coefficient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float32 coefficient cast to the gradients' dtype, capped at its largest finite value (fp16: 65504)."""
+    if torch.finfo(dtype).max >= torch.finfo(coefficient.dtype).max:
+        return coefficient.to(dtype)  # float32 / bfloat16 / float64 hold every coefficient (c <= eta <= f32 max)
     return coefficient.clamp_max(torch.finfo(dtype).max).to(dtype)
 
 

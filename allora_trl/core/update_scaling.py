@@ -91,7 +91,7 @@ class UpdateScaling:
                 "apply_allora (or use ALLoRATrainer) before enabling update scaling."
             )
         self.optimizer = optimizer
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self._pending: list[tuple[list, list, list]] = []  # (weights, their copies, factors) for B, then A
         self.last_mean_scale: torch.Tensor | None = None
         self.variants: list[ALLoRALinearVariant] = []  # those enable_update_scaling recorded scale "update" on
         self._handles = [
@@ -101,33 +101,36 @@ class UpdateScaling:
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self._pending = []
-        total, count = None, 0
-        for pair in self.pairs:
-            A, B = pair.lora_A, pair.lora_B
-            c = applied_coefficient(pair.variant, A, B)  # float32 (n_out,): the c the backward pass used
-            c_mean = c.mean()
-            if B.grad is not None:
-                B.grad.div_(c[:, None].to(B.grad.dtype))  # back to the plain LoRA gradient: c goes on the update
-            if A.grad is not None:
-                A.grad.div_(c_mean.to(A.grad.dtype))  # keep the rule's row weighting, at mean 1
-            old_A = A.detach().clone() if A.grad is not None else None
-            old_B = B.detach().clone() if B.grad is not None else None
-            self._pending.append((c, c_mean, old_A, old_B))
-            total = c.sum() if total is None else total + c.sum()
-            count += c.numel()
-        self.last_mean_scale = None if total is None else total / count
+        """Divide the factors out of the gradients and keep the weights before the step.
+
+        With ``foreach`` operations over every pair at once: one call per operation, not one per layer.
+        """
+        pairs = [pair for pair in self.pairs if pair.lora_A.grad is not None or pair.lora_B.grad is not None]
+        # float32 (n_out,): the c the backward pass applied, from the per-step cache
+        cs = [applied_coefficient(pair.variant, pair.lora_A, pair.lora_B) for pair in pairs]
+        self.last_mean_scale = torch.cat(cs).mean() if cs else None
+        with_B = [i for i, pair in enumerate(pairs) if pair.lora_B.grad is not None]
+        with_A = [i for i, pair in enumerate(pairs) if pair.lora_A.grad is not None]
+        B = [pairs[i].lora_B for i in with_B]
+        A = [pairs[i].lora_A for i in with_A]
+        c_rows = [cs[i][:, None].to(pairs[i].lora_B.grad.dtype) for i in with_B]
+        c_means = [cs[i].mean().to(pairs[i].lora_A.grad.dtype) for i in with_A]
+        if B:
+            torch._foreach_div_([p.grad for p in B], c_rows)  # back to the plain LoRA gradient: c goes on the update
+        if A:
+            torch._foreach_div_([p.grad for p in A], c_means)  # keep the rule's row weighting, at mean 1
+        old_B = torch._foreach_mul(B, 1.0) if B else []  # exact copies of the weights before the step
+        old_A = torch._foreach_mul(A, 1.0) if A else []
+        self._pending = [(B, old_B, c_rows), (A, old_A, c_means)]
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for pair, (c, c_mean, old_A, old_B) in zip(self.pairs, self._pending):
-            if old_B is not None:
-                B = pair.lora_B
-                # B <- old + c_i * (B - old), row by row
-                B.sub_(old_B).mul_(c[:, None].to(B.dtype)).add_(old_B)
-            if old_A is not None:
-                A = pair.lora_A
-                A.sub_(old_A).mul_(c_mean.to(A.dtype)).add_(old_A)
+        """Rescale the step: ``p <- old + factor * (p - old)`` (B row by row by c, A by mean(c))."""
+        for params, old, factors in self._pending:
+            if params:
+                torch._foreach_sub_(params, old)
+                torch._foreach_mul_(params, factors)
+                torch._foreach_add_(params, old)
         self._pending = []
 
     def remove(self) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
-from .coefficient_cache import CoefficientCache, backward_factors_for, register_variant
+from .coefficient_cache import CoefficientCache, backward_factors_for
 from .gradient import CoefficientStats, allora_lora_forward, compute_dtype
 
 
@@ -33,16 +33,14 @@ class ALLoRALinearVariant(LoraVariant):
         self.stats = CoefficientStats()
         self.cache = cache  # shared by the adapter's layers: the weight coefficient once per optimizer step
         self.cache_entry = None
-        self.handle = register_variant(self)
 
     def __getstate__(self):
-        # a copy (TRL's reference models are deep copies) gets its own handle and recomputes its own coefficient
-        return {k: v for k, v in self.__dict__.items() if k not in ("cache_entry", "handle")}
+        # a copy (TRL's reference models are deep copies) recomputes its own coefficient
+        return {k: v for k, v in self.__dict__.items() if k != "cache_entry"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache_entry = None
-        self.handle = register_variant(self)
 
     def supports_lora_conversion(self) -> bool:
         return True  # an ALLoRA adapter *is* a LoRA adapter with alpha == r
