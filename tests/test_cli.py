@@ -764,3 +764,16 @@ def test_resuming_a_checkpoint_of_another_model_or_lora_says_so(
     assert_usage_error(code, err, "resume_from_checkpoint", *needles)
     assert "size" not in err.split("error:")[1].split("(")[0]  # not an optimizer/tensor size mismatch
     assert not out.exists()
+
+
+def test_resume_with_another_allora_eta_exits_2_before_loading(tmp_path, capsys):
+    """A checkpoint trained with eta 2, resumed with --allora_eta 5: refused naming both values, nothing loaded."""
+    from allora_trl.core.settings import ALLoRASettings, save_allora_config
+
+    checkpoint = tmp_path / "o" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    save_allora_config(ALLoRASettings(eta=2.0), checkpoint)
+    argv = ["train", "--output_dir", str(tmp_path / "o"), "--allora_eta", "5", "--resume_from_checkpoint"]
+    code, err = run(argv, capsys)
+    assert_usage_error(code, err, "allora_eta=2.0", "allora_eta=5.0")

@@ -295,6 +295,20 @@ def validate(script_args: TrainScriptArguments, training_args) -> None:
     training_args.resume_from_checkpoint = resolve_resume(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
+    if training_args.resume_from_checkpoint is not None:
+        from ..core.settings import ALLoRASettings, check_resume_settings
+
+        try:  # the checkpoint's ALLoRA settings must be this run's: refused here, before anything is loaded
+            check_resume_settings(
+                training_args.resume_from_checkpoint,
+                ALLoRASettings(
+                    eta=training_args.allora_eta,
+                    coefficient=training_args.allora_coefficient,
+                    scale=training_args.allora_scale,
+                ),
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     output_dir = Path(training_args.output_dir)
     if (
         output_dir.is_dir()
