@@ -70,8 +70,9 @@ def validate_eta(eta: float, field_name: str = "eta") -> float:
 def validate_choice(value: str, choices: dict[str, str], field_name: str) -> str:
     """Return ``value`` if it is a key of ``choices`` (name -> what it means), else raise naming field and choices."""
     if value not in choices:
-        listed = ", ".join(f"{name!r} ({meaning})" for name, meaning in choices.items())
-        raise ValueError(f"`{field_name}` must be one of {listed}, got {value!r}.")
+        names = ", ".join(map(repr, choices))
+        meanings = "; ".join(f"{name!r}: {meaning}" for name, meaning in choices.items())
+        raise ValueError(f"`{field_name}` must be one of {names} ({meanings}), got {value!r}.")
     return value
 
 
