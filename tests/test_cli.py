@@ -696,7 +696,7 @@ def test_ctrl_c_says_where_to_resume_from_and_exits_130(
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
     """A finished 2-step run with its checkpoint-2 (LoRA r=2 on all linear layers of the tiny model)."""
-    from conftest import qa_records
+    from tests.conftest import qa_records
 
     root = tmp_path_factory.mktemp("finished")
     data = root / "qa.jsonl"
