@@ -173,6 +173,19 @@ def apply_allora(
     layers it wires (so :func:`allora_settings` and ``allora_config.json`` never say ``"update"`` while only the
     gradient rule runs). ``ALLoRATrainer(args=ALLoRAConfig(allora_scale="update"))`` does both. Asking for
     ``"update"`` here raises, saying so.
+
+    The adapter's layers share one :class:`~allora_trl.core.coefficient_cache.CoefficientCache`: the weight
+    coefficient is computed once per optimizer step, not in every backward.
+
+    Args:
+        model (`PeftModel`): a peft model with at least one LoRA adapter on linear layers.
+        eta (`float`, defaults to 2.0): the coefficient at ``B = 0``; finite, > 0.
+        coefficient (`str`, defaults to ``"weight"``): ``"weight"`` (the paper's rule) or ``"output"`` (per token).
+        adapter_name (`str`, *optional*): install on this adapter only; default: every LoRA adapter.
+        scale (`str`, defaults to ``"gradient"``): must be ``"gradient"`` (see above).
+
+    Returns:
+        `PeftModel`: ``model`` itself, changed in place.
     """
     settings = ALLoRASettings(eta=eta, coefficient=coefficient, scale=scale)  # validates all three together
     if settings.scale != DEFAULT_SCALE:

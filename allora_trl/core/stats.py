@@ -30,7 +30,8 @@ def set_allora_stats_recording(model: torch.nn.Module, enabled: bool) -> None:
 
 
 def collect_allora_stats(model: torch.nn.Module, prefix: str = "allora/") -> dict[str, float]:
-    """Aggregate the statistics recorded by every ALLoRA layer's last backward pass.
+    """Aggregate the statistics every ALLoRA layer recorded in its last recorded forward pass (the coefficient the
+    following backward applies).
 
     Returns ``{prefix + "coefficient_min"|"coefficient_mean"|"coefficient_max"|"row_norm_mean": float}`` over all
     rows (for ``coefficient="output"``, all tokens and rows) of all layers, or ``{}`` if nothing was recorded.
