@@ -1,7 +1,8 @@
 """Config args of the ALLoRA Axolotl plugin: ``allora_eta``, ``allora_coefficient``, and the ``adapter: allora`` rules.
 
 Axolotl merges this model into its own config model (``AxolotlInputConfig``) when the plugin is listed under
-``plugins:``. It imports nothing from Axolotl, so it can be validated and tested without an Axolotl install.
+``plugins:``. It imports nothing from Axolotl at import time, so it can be validated and tested without an Axolotl
+install (only the fused kernels' automatic switch-on asks Axolotl's own rule, where Axolotl is installed).
 
 With ``adapter: allora`` the validator below fills the LoRA settings ALLoRA fixes (``lora_alpha = lora_r``,
 ``lora_dropout = 0``), routes ``load_in_4bit`` / ``load_in_8bit`` to a bitsandbytes config that Axolotl's loader
@@ -14,6 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from importlib import metadata
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -21,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from allora_trl.core.settings import (
     ALLORA_CONFIG_NAME,
     COEFFICIENTS,
+    DEFAULT_COEFFICIENT,
     DEFAULT_SCALE,
     read_allora_config,
     validate_coefficient,
@@ -31,9 +34,13 @@ LOG = logging.getLogger(__name__)
 
 ADAPTER_NAME = "allora"
 
-# Fused LoRA kernels of Axolotl replace the attention / MLP forward of a LoRA layer by their own autograd
-# functions, which never call peft's LoRA variant: ALLoRA's backward would be skipped without any error.
-_LORA_KERNEL_FIELDS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+# Axolotl's fused LoRA kernels replace the attention / MLP forward of a LoRA layer by their own autograd functions,
+# which never call peft's LoRA variant; with adapter: allora the plugin swaps in ALLoRA's versions of the three
+# below (kernels.py), written for Axolotl 0.19's kernel API. The embedding kernel has nothing to run on: ALLoRA
+# trains linear layers only (apply_allora refuses LoRA on embeddings).
+_ALLORA_KERNEL_FIELDS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+_LORA_KERNEL_FIELDS = (*_ALLORA_KERNEL_FIELDS, "lora_embedding_kernel")
+KERNELS_AXOLOTL = "0.19"  # the Axolotl version whose kernel API integrations/axolotl/kernels.py is written against
 
 
 def _is_set(value: Any) -> bool:
@@ -195,12 +202,106 @@ def _check_scale(data: dict) -> list[str]:
     return problems
 
 
+def _axolotl_version() -> str | None:
+    """The installed Axolotl's version, read from its package metadata (Axolotl itself is not imported)."""
+    try:
+        return metadata.version("axolotl")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _kernels_supported(version: str | None) -> bool:
+    return version is not None and (version == KERNELS_AXOLOTL or version.startswith(KERNELS_AXOLOTL + "."))
+
+
+def _coefficient(data: dict) -> str:
+    """The coefficient this run trains with: the config's, else the one saved in ``lora_model_dir``, else weight."""
+    coefficient = data.get("allora_coefficient")
+    model_dir = data.get("lora_model_dir")
+    if coefficient is None and model_dir and os.path.isfile(os.path.join(str(model_dir), ALLORA_CONFIG_NAME)):
+        try:
+            coefficient = read_allora_config(model_dir).coefficient
+        except ValueError:
+            coefficient = None  # reported by _check_scale
+    return coefficient or DEFAULT_COEFFICIENT
+
+
+def _auto_kernels(data: dict) -> dict[str, bool]:
+    """The fused kernels Axolotl would switch on by itself were this ``adapter: lora`` (``qlora`` with 4 bits).
+
+    Asks Axolotl's own rule (``AxolotlConfigWCapabilities.check_auto_enable_lora_kernels``) on a copy of the config,
+    and only where a GPU was detected (Axolotl's ``capabilities``), the installed Axolotl is the one ALLoRA's kernels
+    are written for, and the coefficient is ``weight``: the kernels allocate on CUDA (Triton activations, CUDA
+    dequantisation), so on a machine without one they stay off, as does everything Axolotl's rule leaves off
+    (``rl``, 8-bit bases, ``trust_remote_code``, FSDP1 on several GPUs, architectures it marks unsupported).
+    """
+    capabilities = data.get("capabilities") or {}
+    if not capabilities.get("compute_capability") or _coefficient(data) != "weight":
+        return {}
+    if not _kernels_supported(_axolotl_version()):
+        return {}
+    try:
+        from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
+    except ImportError:
+        return {}
+    probe = {k: v for k, v in data.items() if k not in _LORA_KERNEL_FIELDS}
+    probe["adapter"] = "qlora" if _is_set(data.get("load_in_4bit")) else "lora"
+    decided = AxolotlConfigWCapabilities.check_auto_enable_lora_kernels(probe)
+    enabled = {k: True for k in _ALLORA_KERNEL_FIELDS if decided.get(k)}
+    if enabled:
+        LOG.info("adapter: allora: switching on %s, as Axolotl does for adapter: lora here.", sorted(enabled))
+    return enabled
+
+
+def _check_kernels(data: dict) -> list[str]:
+    """Fill the fused-kernel switches (Axolotl's own choice for ``adapter: lora`` when none is set, else false) and
+    refuse the combinations ALLoRA's kernels do not cover, naming the fix ``lora_*_kernel: false``."""
+    if all(data.get(k) is None for k in _LORA_KERNEL_FIELDS):
+        data.update(_auto_kernels(data))
+    for key in _LORA_KERNEL_FIELDS:
+        if data.get(key) is None:
+            data[key] = False
+    on = [k for k in _ALLORA_KERNEL_FIELDS if data.get(k)]
+    if not on:
+        return []
+    fix = " and ".join(f"`{k}: false`" for k in on)
+    names = ", ".join(f"`{k}`" for k in on)
+    version = _axolotl_version()
+    if not _kernels_supported(version):
+        found = f"Axolotl {version}" if version else "no Axolotl installation"
+        return [
+            f"{names} with adapter: allora needs Axolotl {KERNELS_AXOLOTL} (ALLoRA's versions of its fused LoRA "
+            f"kernels are written against its kernel API, which changes between versions); found {found}. "
+            f"Set {fix}, or install axolotl=={KERNELS_AXOLOTL}.*."
+        ]
+    problems = []
+    coefficient = _coefficient(data)
+    if coefficient != "weight":
+        problems.append(
+            f"{names} with adapter: allora need `allora_coefficient: weight` (the per-token `{coefficient}` "
+            f"coefficient cannot run in the fused kernels). Set `allora_coefficient: weight`, or set {fix}."
+        )
+    if _is_set(data.get("load_in_8bit")):
+        problems.append(
+            f"{names} cannot be combined with `load_in_8bit` (Axolotl's fused kernels do not dequantise 8-bit "
+            f"bases; it refuses them for 8-bit `adapter: lora` too). Set {fix}, or use `load_in_4bit`."
+        )
+    rl = data.get("rl")
+    rl = getattr(rl, "value", rl)
+    if rl:
+        problems.append(
+            f"{names} with adapter: allora and `rl: {rl}` is not verified (Axolotl does not switch its kernels on "
+            f"for `rl` either). Set {fix}."
+        )
+    return problems
+
+
 def check_allora_config(data: dict) -> dict:
     """Return a copy of a raw Axolotl config with ALLoRA's LoRA settings filled, or raise listing every problem.
 
     Only acts when ``adapter == "allora"``. Fills an unset ``lora_alpha`` with ``lora_r``, an unset
     ``lora_alpha_pattern`` with ``lora_rank_pattern``, an unset ``lora_dropout`` with 0, unset fused-kernel
-    switches with false and, with ``load_in_4bit`` / ``load_in_8bit``, ``model_kwargs.quantization_config`` (see
+    switches (:func:`_check_kernels`: as Axolotl would set them for ``adapter: lora`` on a GPU, else false) and, with ``load_in_4bit`` / ``load_in_8bit``, ``model_kwargs.quantization_config`` (see
     :func:`_fill_quantization`). Refuses the ``rl`` modes not in :data:`SUPPORTED_RL`, naming why and what to use,
     and ``allora_*`` keys the plugin does not know, naming the nearest known one.
     Idempotent: a config it filled passes again unchanged.
@@ -267,15 +368,7 @@ def check_allora_config(data: dict) -> dict:
             "linear layers; peft wraps raw parameters such as fused MoE experts differently). Remove it and target "
             "linear modules with `lora_target_modules` / `lora_target_linear`."
         )
-    for key in _LORA_KERNEL_FIELDS:
-        value = data.get(key)
-        if value is None:
-            data[key] = False
-        elif value:
-            problems.append(
-                f"`{key}` cannot be true with adapter: allora (Axolotl's fused LoRA kernels bypass peft's "
-                f"LoRA layer forward, so the ALLoRA gradient rule would never run). Set `{key}: false` or remove it."
-            )
+    problems.extend(_check_kernels(data))
 
     if problems:
         raise ValueError("adapter: allora: " + " | ".join(problems))
@@ -305,9 +398,7 @@ class ALLoRAArgs(BaseModel):
     def _check_eta(cls, value):
         if value is None:
             return value
-        if isinstance(value, bool):  # YAML `true` would otherwise read as eta = 1.0
-            raise ValueError(f"`allora_eta` must be a positive finite number (e.g. 2.0), got {value!r}.")
-        return validate_eta(value, "allora_eta")
+        return validate_eta(value, "allora_eta")  # refuses YAML's `true` too
 
     @field_validator("allora_coefficient", mode="before")
     @classmethod

@@ -45,6 +45,8 @@ from allora_trl.core.settings import (
 
 from .args import ADAPTER_NAME
 
+KERNEL_FIELDS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+
 # Axolotl shows INFO records only from loggers named "axolotl..." (other loggers: WARNING and up).
 LOG = get_logger("axolotl.integrations.allora")
 
@@ -160,6 +162,22 @@ def install_allora(cfg, model) -> bool:
     return True
 
 
+def install_kernels(cfg, model) -> None:
+    """With ``lora_qkv_kernel`` / ``lora_o_kernel`` / ``lora_mlp_kernel`` on, rebind the kernels Axolotl patched in
+    (``apply_lora_kernel_patches``, just before ``post_model_load``) to ALLoRA's versions (kernels.py)."""
+    fields = [k for k in KERNEL_FIELDS if cfg.get(k)]
+    if not fields or not getattr(model, "peft_config", None):
+        return
+    from .kernels import check_axolotl_version, install_allora_kernels
+
+    check_axolotl_version(fields)
+    counts = install_allora_kernels(model)
+    LOG.info(
+        f"ALLoRA kernels in place of Axolotl's fused LoRA kernels ({', '.join(fields)}): {counts['qkv']} attention "
+        f"QKV, {counts['o']} attention O, {counts['mlp']} MLP blocks."
+    )
+
+
 def prepare_quantized_base(cfg, model) -> None:
     """``prepare_model_for_kbit_training`` on a bitsandbytes base, as Axolotl does for its ``lora`` / ``qlora`` names.
 
@@ -222,8 +240,11 @@ class ALLoRAPlugin(BasePlugin):
             )
 
     def post_model_load(self, cfg, model):
+        """Safety net for the install; then, right after Axolotl patched its fused LoRA kernels in, swap ALLoRA's in."""
         if cfg.adapter == ADAPTER_NAME and getattr(model, "peft_config", None) and not install_allora(cfg, model):
             raise RuntimeError("adapter: allora: ALLoRA could not be installed on the loaded peft model.")
+        if cfg.adapter == ADAPTER_NAME:
+            install_kernels(cfg, model)
 
     def post_trainer_create(self, cfg, trainer):
         """Refuse distributed set-ups where ALLoRA's layers would see sharded weights (FSDP1, ...), exactly as the TRL

@@ -78,7 +78,7 @@ def test_explicit_matching_values_accepted():
         ({"rl": "gdpo"}, "rl: gdpo"),
         ({"rl": "ebft"}, "rl: ebft"),
         ({"rl": "orpo"}, "rl: orpo"),
-        ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
+        ({"lora_qkv_kernel": True, "allora_coefficient": "output"}, "lora_qkv_kernel"),
         ({"lora_target_parameters": ["experts.gate_up_proj"]}, "lora_target_parameters"),
         ({"lora_rank_pattern": {"q_proj": 4}, "lora_alpha_pattern": {"q_proj": 8}}, "lora_alpha_pattern"),
         ({"lora_r": None}, "lora_r"),
@@ -97,6 +97,25 @@ def test_rejections_name_the_field(overrides, field):
     with pytest.raises(ValidationError) as info:
         ALLoRAArgs.model_validate(data)
     assert f"`{field}`" in str(info.value)
+
+
+@pytest.mark.parametrize("version, accepted", [("0.19.0", True), ("0.19.2", True), ("0.20.0", False), (None, False)])
+def test_fused_kernels_need_axolotl_019(monkeypatch, version, accepted):
+    """ALLoRA's versions of Axolotl's fused LoRA kernels are written for Axolotl 0.19's kernel API: other versions
+    (and no Axolotl) are refused naming the version and the fix."""
+    from allora_trl.integrations.axolotl import args
+
+    monkeypatch.setattr(args, "_axolotl_version", lambda: version)
+    data = {"adapter": "allora", "lora_r": 8, "lora_qkv_kernel": True, "lora_o_kernel": True}
+    if accepted:
+        filled = check_allora_config(data)
+        assert filled["lora_qkv_kernel"] and filled["lora_o_kernel"] and filled["lora_mlp_kernel"] is False
+    else:
+        with pytest.raises(ValueError) as info:
+            check_allora_config(data)
+        message = str(info.value)
+        assert (version or "no Axolotl installation") in message
+        assert "`lora_qkv_kernel: false` and `lora_o_kernel: false`" in message
 
 
 def test_load_in_4bit_fills_the_bitsandbytes_config_for_from_pretrained():

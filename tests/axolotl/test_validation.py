@@ -72,7 +72,7 @@ def test_other_adapter_unchanged_by_plugin(load_axolotl_cfg):
         ({"rl": "simpo"}, "rl: simpo", "`simpo_gamma: 0.5`"),
         ({"allora_eat": 4}, "allora_eat", "did you mean `allora_eta`?"),  # was ignored: trained at eta 2
         ({"adapter": "lora", "allora_eat": 4}, "allora_eat", "did you mean `allora_eta`?"),
-        ({"lora_mlp_kernel": True}, "lora_mlp_kernel", "lora_mlp_kernel: false"),
+        ({"lora_mlp_kernel": True, "allora_coefficient": "output"}, "lora_mlp_kernel", "lora_mlp_kernel: false"),
     ],
 )
 def test_rejected_with_field_and_fix(load_axolotl_cfg, overrides, field, fix):
