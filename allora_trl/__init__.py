@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 # not import TRL's trainers: name -> module under allora_trl.trainers.
 _TRAINERS = {
     "ALLoRAArguments": "config",
-    "ALLoRAConfig": "config",
+    "ALLoRAConfig": "sft",
     "ALLoRATrainer": "sft",
     "ALLoRATrainerMixin": "mixin",
     **{

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from allora_trl.cli import USAGE, main
-from allora_trl.trainers.config import ALLoRAConfig
+from allora_trl.trainers.sft import ALLoRAConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = sorted(f.name for f in fields(ALLoRAConfig) if f.name.startswith("allora_"))

@@ -94,7 +94,7 @@ def build_parser():
 
     from trl import TrlParser
 
-    from ..trainers.config import ALLoRAConfig
+    from ..trainers.sft import ALLoRAConfig
 
     parser = TrlParser((TrainScriptArguments, ALLoRAConfig), prog="allora-trl train", usage=USAGE)
     parser.set_defaults_with_config(**JOB_DEFAULTS)

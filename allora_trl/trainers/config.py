@@ -1,4 +1,7 @@
-"""ALLoRA's training settings (:class:`ALLoRAArguments`, defined once) and ``ALLoRAConfig``, TRL's ``SFTConfig`` plus them."""
+"""ALLoRA's training settings (:class:`ALLoRAArguments`, defined once), which every ``ALLoRA...Config`` inherits.
+
+Each trainer's config sits with its trainer (``ALLoRAConfig``, TRL's ``SFTConfig`` plus these, in ``sft.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
-from trl import SFTConfig
 
 from ..core.settings import COEFFICIENTS, DEFAULT_COEFFICIENT, DEFAULT_ETA, DEFAULT_SCALE, SCALES, validate_settings
 
@@ -178,19 +180,3 @@ class ALLoRAArguments:
                 f"build a {cls.__name__} (or a subclass of it) directly."
             )
         return cls(**values)
-
-
-@dataclass
-class ALLoRAConfig(ALLoRAArguments, SFTConfig):
-    """Configuration for :class:`~allora_trl.ALLoRATrainer`: every ``SFTConfig`` field plus :class:`ALLoRAArguments`
-    (``allora_eta``, ``allora_coefficient``, ``allora_scale``), with CPU-friendly defaults.
-
-    Example:
-
-    ```python
-    >>> from allora_trl import ALLoRAConfig
-    >>> args = ALLoRAConfig(output_dir="out", allora_eta=2.0, learning_rate=4e-4)
-    >>> (args.allora_eta, args.allora_coefficient, args.allora_scale)
-    (2.0, 'weight', 'gradient')
-    ```
-    """

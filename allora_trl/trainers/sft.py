@@ -1,13 +1,32 @@
-"""``ALLoRATrainer``: TRL's ``SFTTrainer`` with ALLoRA on its LoRA layers (see :mod:`allora_trl.trainers.mixin`)."""
+"""``ALLoRATrainer`` / ``ALLoRAConfig``: TRL's ``SFTTrainer`` / ``SFTConfig`` with ALLoRA on the LoRA layers (see
+:mod:`allora_trl.trainers.mixin`)."""
 
 from __future__ import annotations
 
-from trl import SFTTrainer
+from dataclasses import dataclass
 
-from .config import ALLoRAConfig
+from trl import SFTConfig, SFTTrainer
+
+from .config import ALLoRAArguments
 from .mixin import ALLoRATrainerMixin, default_lora_config
 
 __all__ = ["ALLoRAConfig", "ALLoRATrainer", "default_lora_config"]
+
+
+@dataclass
+class ALLoRAConfig(ALLoRAArguments, SFTConfig):
+    """Configuration for :class:`~allora_trl.ALLoRATrainer`: every ``SFTConfig`` field plus :class:`ALLoRAArguments`
+    (``allora_eta``, ``allora_coefficient``, ``allora_scale``), with CPU-friendly defaults.
+
+    Example:
+
+    ```python
+    >>> from allora_trl import ALLoRAConfig
+    >>> args = ALLoRAConfig(output_dir="out", allora_eta=2.0, learning_rate=4e-4)
+    >>> (args.allora_eta, args.allora_coefficient, args.allora_scale)
+    (2.0, 'weight', 'gradient')
+    ```
+    """
 
 
 class ALLoRATrainer(ALLoRATrainerMixin, SFTTrainer):
