@@ -267,27 +267,7 @@ def test_resume_run_continues_from_the_latest_checkpoint(tmp_path, capsys, tiny_
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
     out = tmp_path / "run"
-    common = [
-        "train",
-        "--output_dir",
-        str(out),
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_path",
-        str(data),
-        "--skip_eval",
-        "true",
-        "--per_device_train_batch_size",
-        "4",
-        "--lora_r",
-        "2",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--logging_steps",
-        "1",
-    ]
+    common = tiny_run_argv(out, tiny_model_dir, data, "--save_strategy", "steps", "--save_steps", "2")
     assert main([*common, "--max_steps", "2"]) == 0
     state_file = out / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
