@@ -51,11 +51,6 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)  # every torch optimizer, fused or not, in this process
 
 
-def optimizer_steps() -> int:
-    """Optimizer steps taken in this process (any ``torch.optim.Optimizer``): the cache's clock."""
-    return _optimizer_steps
-
-
 @dataclass
 class _Entry:
     key: tuple

@@ -20,10 +20,12 @@ class ALLoRALinearVariant(LoraVariant):
     """Forward ``result + B A x`` (scaling 1, no dropout) with the ALLoRA backward; merges like LoRA at scaling 1.
 
     Unlike peft's own variants, which are stateless, an instance carries its settings (``eta``, ``coefficient``,
-    ``scale``) and the layer's coefficient statistics, so one model can hold ALLoRA adapters with different settings
-    and :func:`~allora_trl.core.model.allora_settings` can read back what the model was trained with. ``scale`` is a
-    record only: the variant always applies the gradient rule; ``"update"`` is carried out by optimizer hooks
-    (:mod:`allora_trl.core.update_scaling`) that the trainer installs.
+    ``scale``), the layer's coefficient statistics and its entry in the adapter's
+    :class:`~allora_trl.core.coefficient_cache.CoefficientCache` (the weight coefficient, once per optimizer step),
+    so one model can hold ALLoRA adapters with different settings and :func:`~allora_trl.core.model.allora_settings`
+    can read back what the model was trained with. ``scale`` is a record only: the variant always applies the
+    gradient rule; ``"update"`` is carried out by optimizer hooks (:mod:`allora_trl.core.update_scaling`) that the
+    trainer installs.
     """
 
     def __init__(self, eta: float, coefficient: str, scale: str = "gradient", cache: CoefficientCache | None = None):
