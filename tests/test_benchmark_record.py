@@ -230,3 +230,15 @@ def test_numbers_docs_cite_are_the_record(citations):
     docs = DOCS.read_text()
     missing = {what: text for what, text in citations().items() if text not in docs}
     assert not missing, f"docs/benchmarks.md does not quote the record's numbers: {missing}"
+
+
+def test_numbers_the_readme_quotes_are_those_of_the_checked_docs():
+    """README's "What the benchmarks found" quotes only numbers that docs/benchmarks.md states (and the test above
+    checks docs/benchmarks.md against the runs), so a stale or mistyped number in the README fails here."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## What the benchmarks found", 1)[1].split("\n## ", 1)[0]
+    docs = DOCS.read_text()
+    numbers = set(re.findall(r"[-+]?\d+\.\d+|\d+e-\d+", section))
+    assert numbers, "the README section quotes no numbers: has it moved?"
+    missing = sorted(n for n in numbers if n not in docs)
+    assert not missing, f"README quotes numbers docs/benchmarks.md does not state: {missing}"
