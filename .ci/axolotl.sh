@@ -5,7 +5,7 @@
 #   AXOLOTL_VENV   the venv to use or create (default: .venv-axolotl in the repository root)
 #   AXOLOTL_PYTHON the interpreter that creates it (default: python3.11)
 # Extra arguments go to pytest. A fresh venv takes about 5-6 minutes to install; the tests about 5-7 minutes on
-# 2 shared CPU cores (four short `axolotl train` runs: SFT, 4-bit, DPO, KTO).
+# 2 shared CPU cores (short `axolotl train` runs: SFT, 4-bit, DPO, KTO, SimPO, and kernels on vs off).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
