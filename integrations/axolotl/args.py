@@ -38,8 +38,8 @@ ADAPTER_NAME = "allora"
 # which never call peft's LoRA variant; with adapter: allora the plugin swaps in ALLoRA's versions of the three
 # below (kernels.py), written for Axolotl 0.19's kernel API. The embedding kernel has nothing to run on: ALLoRA
 # trains linear layers only (apply_allora refuses LoRA on embeddings).
-_ALLORA_KERNEL_FIELDS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-_LORA_KERNEL_FIELDS = (*_ALLORA_KERNEL_FIELDS, "lora_embedding_kernel")
+ALLORA_KERNEL_FIELDS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+_LORA_KERNEL_FIELDS = (*ALLORA_KERNEL_FIELDS, "lora_embedding_kernel")
 KERNELS_AXOLOTL = "0.19"  # the Axolotl version whose kernel API integrations/axolotl/kernels.py is written against
 
 
@@ -214,6 +214,25 @@ def _kernels_supported(version: str | None) -> bool:
     return version is not None and (version == KERNELS_AXOLOTL or version.startswith(KERNELS_AXOLOTL + "."))
 
 
+def kernel_version_problem(fields) -> str | None:
+    """Why the fused kernels ``fields`` cannot run with the installed Axolotl, naming the fix; None if they can.
+
+    The one version check, used at validation (:func:`check_allora_config`) and when the plugin installs the
+    kernels (``kernels.check_axolotl_version``).
+    """
+    version = _axolotl_version()
+    if _kernels_supported(version):
+        return None
+    fix = " and ".join(f"`{k}: false`" for k in fields)
+    names = ", ".join(f"`{k}`" for k in fields)
+    found = f"Axolotl {version}" if version else "no Axolotl installation"
+    return (
+        f"{names} with adapter: allora needs Axolotl {KERNELS_AXOLOTL} (ALLoRA's versions of its fused LoRA "
+        f"kernels are written against its kernel API, which changes between versions); found {found}. "
+        f"Set {fix}, or install axolotl=={KERNELS_AXOLOTL}.*."
+    )
+
+
 def _coefficient(data: dict) -> str:
     """The coefficient this run trains with: the config's, else the one saved in ``lora_model_dir``, else weight."""
     coefficient = data.get("allora_coefficient")
@@ -247,7 +266,7 @@ def _auto_kernels(data: dict) -> dict[str, bool]:
     probe = {k: v for k, v in data.items() if k not in _LORA_KERNEL_FIELDS}
     probe["adapter"] = "qlora" if _is_set(data.get("load_in_4bit")) else "lora"
     decided = AxolotlConfigWCapabilities.check_auto_enable_lora_kernels(probe)
-    enabled = {k: True for k in _ALLORA_KERNEL_FIELDS if decided.get(k)}
+    enabled = {k: True for k in ALLORA_KERNEL_FIELDS if decided.get(k)}
     if enabled:
         LOG.info("adapter: allora: switching on %s, as Axolotl does for adapter: lora here.", sorted(enabled))
     return enabled
@@ -261,19 +280,14 @@ def _check_kernels(data: dict) -> list[str]:
     for key in _LORA_KERNEL_FIELDS:
         if data.get(key) is None:
             data[key] = False
-    on = [k for k in _ALLORA_KERNEL_FIELDS if data.get(k)]
+    on = [k for k in ALLORA_KERNEL_FIELDS if data.get(k)]
     if not on:
         return []
     fix = " and ".join(f"`{k}: false`" for k in on)
     names = ", ".join(f"`{k}`" for k in on)
-    version = _axolotl_version()
-    if not _kernels_supported(version):
-        found = f"Axolotl {version}" if version else "no Axolotl installation"
-        return [
-            f"{names} with adapter: allora needs Axolotl {KERNELS_AXOLOTL} (ALLoRA's versions of its fused LoRA "
-            f"kernels are written against its kernel API, which changes between versions); found {found}. "
-            f"Set {fix}, or install axolotl=={KERNELS_AXOLOTL}.*."
-        ]
+    version_problem = kernel_version_problem(on)
+    if version_problem:
+        return [version_problem]
     problems = []
     coefficient = _coefficient(data)
     if coefficient != "weight":

@@ -39,39 +39,22 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
 import torch
 import torch.nn.functional as F
 
-from allora_trl.core.gradient import lora_row_norms
+from allora_trl.core.coefficient_cache import backward_factors
 from allora_trl.core.variant import ALLoRALinearVariant
 
-SUPPORTED_AXOLOTL = "0.19"
-KERNEL_FIELDS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+from . import args
+from .args import ALLORA_KERNEL_FIELDS
 
 
-def axolotl_version() -> str | None:
-    try:
-        return metadata.version("axolotl")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def supported_axolotl(version: str | None) -> bool:
-    return version is not None and (version == SUPPORTED_AXOLOTL or version.startswith(SUPPORTED_AXOLOTL + "."))
-
-
-def check_axolotl_version(fields=KERNEL_FIELDS) -> None:
-    """Raise unless the installed Axolotl is the one these kernels were written against (0.19)."""
-    version = axolotl_version()
-    if not supported_axolotl(version):
-        fix = " and ".join(f"`{f}: false`" for f in fields)
-        raise RuntimeError(
-            f"adapter: allora: ALLoRA's versions of Axolotl's fused LoRA kernels are written for Axolotl "
-            f"{SUPPORTED_AXOLOTL} (its kernel API differs between versions); installed: Axolotl {version}. "
-            f"Set {fix}, or install axolotl=={SUPPORTED_AXOLOTL}.*."
-        )
+def check_axolotl_version(fields=ALLORA_KERNEL_FIELDS) -> None:
+    """Raise unless the installed Axolotl is the one these kernels were written against (``args.KERNELS_AXOLOTL``)."""
+    problem = args.kernel_version_problem(fields)
+    if problem:
+        raise RuntimeError(problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,18 +187,13 @@ def backward_factors_of(projections: list[Projection], dtype: torch.dtype) -> tu
     Fetched before autocast is switched off around the kernel, as the variant's forward fetches them, and recorded
     into the layer's statistics on logged steps (what the variant's forward records).
     """
-    from allora_trl.core.coefficient_cache import backward_factors
-
     found = []
     for p in projections:
         factors = backward_factors(p.layer, p.adapter, dtype)
         if factors is None:
             raise RuntimeError(f"adapter: allora: no ALLoRA coefficient for adapter {p.adapter!r} of this layer.")
         if p.variant.stats.enabled:
-            row_norms = getattr(factors, "row_norms", None)
-            if row_norms is None:
-                row_norms = lora_row_norms(p.lora_A, p.lora_B)
-            p.variant.stats.record(factors.coefficient, row_norms)
+            p.variant.stats.record(factors.coefficient, factors.row_norms)
         found.append(factors)
     return tuple(found)
 

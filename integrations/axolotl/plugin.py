@@ -43,9 +43,7 @@ from allora_trl.core.settings import (
     read_allora_config,
 )
 
-from .args import ADAPTER_NAME
-
-KERNEL_FIELDS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+from .args import ADAPTER_NAME, ALLORA_KERNEL_FIELDS
 
 # Axolotl shows INFO records only from loggers named "axolotl..." (other loggers: WARNING and up).
 LOG = get_logger("axolotl.integrations.allora")
@@ -165,7 +163,7 @@ def install_allora(cfg, model) -> bool:
 def install_kernels(cfg, model) -> None:
     """With ``lora_qkv_kernel`` / ``lora_o_kernel`` / ``lora_mlp_kernel`` on, rebind the kernels Axolotl patched in
     (``apply_lora_kernel_patches``, just before ``post_model_load``) to ALLoRA's versions (kernels.py)."""
-    fields = [k for k in KERNEL_FIELDS if cfg.get(k)]
+    fields = [k for k in ALLORA_KERNEL_FIELDS if cfg.get(k)]
     if not fields or not getattr(model, "peft_config", None):
         return
     from .kernels import check_axolotl_version, install_allora_kernels

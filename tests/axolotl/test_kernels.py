@@ -252,7 +252,7 @@ def test_kernel_without_allora_version_is_refused(tiny_model_dir):
 
 def test_other_axolotl_versions_are_refused(monkeypatch):
     kernels.check_axolotl_version()  # the installed 0.19
-    monkeypatch.setattr(kernels, "axolotl_version", lambda: "0.20.1")
+    monkeypatch.setattr(allora_args, "_axolotl_version", lambda: "0.20.1")
     with pytest.raises(RuntimeError, match=r"Axolotl 0\.20\.1.*`lora_qkv_kernel: false`"):
         kernels.check_axolotl_version(["lora_qkv_kernel"])
 
