@@ -272,7 +272,7 @@ def refresh_ops(layers: int) -> int:
     cache = next(allora_variants(model)).cache
     counter = CountOps()
     with counter:
-        cache._refresh_all()
+        cache._refresh_all("cpu")
     assert cache.refreshes == 3
     return counter.count
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .gradient import BackwardFactors, compute_dtype, stacked_backward_factors
+from .gradient import BackwardFactors, stacked_backward_factors
 
 _optimizer_steps = 0
 
@@ -51,7 +51,7 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)  # every torch optimizer, fused or not, in this process
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     key: tuple
     factors: BackwardFactors
@@ -64,9 +64,108 @@ def _forget_layer_entries(layer: torch.nn.Module, incompatible_keys) -> None:
             variant.cache_entry = None
 
 
+def _is_stale(entry: _Entry | None, key: tuple) -> bool:
+    return entry is None or entry.key != key
+
+
+_WHOLE_TYPES = (torch.nn.Parameter, torch.Tensor)
+
+
 def _is_sharded(weight: torch.Tensor) -> bool:
-    """A weight that is not whole outside its layer's forward: an FSDP2 DTensor or a DeepSpeed ZeRO-3 parameter."""
-    return hasattr(weight, "ds_id") or hasattr(weight, "device_mesh") or weight.dim() != 2
+    """A weight that is not whole outside its layer's forward: an FSDP2 DTensor or a DeepSpeed ZeRO-3 parameter.
+
+    Any other tensor subclass counts as sharded too: refreshing layer by layer is right for every kind of weight,
+    only slower.
+    """
+    return type(weight) not in _WHOLE_TYPES or weight.dim() != 2 or "ds_id" in weight.__dict__
+
+
+@dataclass(slots=True)
+class _Member:
+    """One layer's adapter in the cache, with its ``lora_A`` / ``lora_B`` linear modules, looked up once: two module
+    lookups per layer per step are a measurable share of a launch-bound step. Safe if peft ever replaced those
+    modules: the layer's own forward checks its key against the weights it really uses and refreshes alone."""
+
+    layer: torch.nn.Module
+    name: str
+    variant: object
+    lora_A: torch.nn.Module
+    lora_B: torch.nn.Module
+
+
+class _Group:
+    """Layers whose weights share shapes, dtypes, device, compute dtype and eta: refreshed in one batched call.
+
+    The factors are written into two sets of stacked buffers, used in turn, whose per-layer views and entries are
+    made once: a refresh then costs the batched operations and a key per layer, not new tensors, views and
+    entries per layer per step. Two sets, so that a graph built before a refresh (saved ``c`` and ``[B | c B]``)
+    still finds its values if its backward runs after it; a graph kept across two refreshes would see them
+    overwritten, and autograd's check of saved tensors then raises instead of computing with the wrong ``c``.
+    """
+
+    __slots__ = ("cache", "members", "eta", "dtype", "inference", "stacked", "buffers", "entries", "turn")
+
+    def __init__(self, cache, members: list, lora_A: torch.Tensor, lora_B: torch.Tensor, signature: tuple):
+        self.cache = cache  # counts the refreshes
+        self.members = members
+        *_, self.inference, self.dtype, self.eta = signature
+        stacked = (len(members), *lora_A.shape), (len(members), *lora_B.shape)
+        self.stacked = (torch.Size(stacked[0]), torch.Size(stacked[1]), lora_A.dtype, lora_B.dtype)
+        (rank, _), n_out, dtype = lora_A.shape, lora_B.shape[0], self.dtype
+        rows = (len(members), n_out)
+        norm_dtype = torch.promote_types(dtype, torch.float32)
+        self.buffers = [
+            BackwardFactors(
+                torch.empty(*rows, 1, dtype=dtype, device=lora_A.device),
+                torch.empty(*rows, 2 * rank, dtype=dtype, device=lora_A.device),
+                torch.empty(*rows, dtype=norm_dtype, device=lora_A.device),
+            )
+            for _ in range(2)
+        ]
+        self.entries = [
+            [_Entry(None, BackwardFactors(*views)) for views in zip(*(tensor.unbind() for tensor in buffers))]
+            for buffers in self.buffers
+        ]
+        self.turn = 0
+
+    @torch.no_grad()
+    def refresh(self, weights: list[tuple[torch.Tensor, torch.Tensor, tuple]]) -> None:
+        """Compute the factors of ``weights`` (``(lora_A, lora_B, key)`` per member) into the next set of buffers."""
+        self._write(torch.stack([w[0] for w in weights]), torch.stack([w[1] for w in weights]), [w[2] for w in weights])
+
+    @torch.no_grad()
+    def refresh_if_stale(self, inference: bool) -> bool:
+        """The per-step path: refresh if any member is stale; False if the group no longer fits its members.
+
+        Cheaper than grouping anew (no signature per member): stacking the weights checks shapes, dtypes and device
+        at once.
+        """
+        members = self.members
+        if not all(member.layer.lora_variant.get(member.name) is member.variant for member in members):
+            return False
+        lora_As = [member.lora_A.weight for member in members]
+        lora_Bs = [member.lora_B.weight for member in members]
+        if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)) or inference != self.inference:
+            return False
+        keys = [self.cache._key(lora_A, lora_B, self.dtype) for lora_A, lora_B in zip(lora_As, lora_Bs)]
+        if not any(_is_stale(member.variant.cache_entry, key) for member, key in zip(members, keys)):
+            return True
+        try:
+            stacked_A, stacked_B = torch.stack(lora_As), torch.stack(lora_Bs)
+        except RuntimeError:  # shapes or devices no longer match
+            return False
+        if (stacked_A.shape, stacked_B.shape, stacked_A.dtype, stacked_B.dtype) != self.stacked:
+            return False
+        self._write(stacked_A, stacked_B, keys)
+        return True
+
+    def _write(self, stacked_A: torch.Tensor, stacked_B: torch.Tensor, keys: list[tuple]) -> None:
+        self.turn = 1 - self.turn
+        stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=self.buffers[self.turn])
+        for member, key, entry in zip(self.members, keys, self.entries[self.turn]):
+            entry.key = key
+            member.variant.cache_entry = entry
+        self.cache.refreshes += 1
 
 
 class CoefficientCache:
@@ -76,88 +175,108 @@ class CoefficientCache:
     """
 
     def __init__(self):
-        self.members: list[tuple[torch.nn.Module, str, object]] = []  # (LoRA layer, adapter name, its variant)
+        self.members: list[_Member] = []
         self.sharded = False
         self.refreshes = 0
+        self._groups: dict[tuple, _Group] = {}  # by signature; made at the first batched refresh that needs one
+        self._groups_state = None  # (autocast dtype, inference mode) the groups were made under
+
+    def __getstate__(self):
+        return {**self.__dict__, "_groups": {}, "_groups_state": None}  # a copy makes its own buffers
 
     def add(self, layer: torch.nn.Module, adapter_name: str, variant) -> None:
-        self.members.append((layer, adapter_name, variant))
+        self.members.append(
+            _Member(layer, adapter_name, variant, layer.lora_A[adapter_name], layer.lora_B[adapter_name])
+        )
+        self._groups_state = None
         if not getattr(layer, "_allora_watches_loads", False):
             layer.register_load_state_dict_post_hook(_forget_layer_entries)
             layer._allora_watches_loads = True
 
     def _key(self, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> tuple:
-        key = (_optimizer_steps, dtype, torch.is_inference_mode_enabled(), lora_A._version, lora_B._version)
         if self.sharded:
-            return key
-        return (*key, lora_A.data_ptr(), lora_B.data_ptr())
+            return (_optimizer_steps, dtype, torch.is_inference_mode_enabled(), lora_A._version, lora_B._version)
+        return (
+            _optimizer_steps,
+            dtype,
+            torch.is_inference_mode_enabled(),
+            lora_A._version,
+            lora_B._version,
+            lora_A.data_ptr(),
+            lora_B.data_ptr(),
+        )
 
     def factors(self, variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> BackwardFactors:
         """The factors for these weights in ``dtype``: cached, or refreshed now (with every stale layer if whole)."""
+        key = self._key(lora_A, lora_B, dtype)
         entry = variant.cache_entry
-        if entry is not None and entry.key == self._key(lora_A, lora_B, dtype):
+        if entry is not None and entry.key == key:
             return entry.factors
         if not self.sharded:
-            self._refresh_all()
+            self._refresh_all(lora_A.device.type)
+            key = self._key(lora_A, lora_B, dtype)  # without the storage, if the walk found sharded weights
         entry = variant.cache_entry
-        key = self._key(lora_A, lora_B, dtype)
         if entry is None or entry.key != key:  # sharded, or not a member (a copied variant): this layer alone
-            self._refresh([(variant, lora_A, lora_B, dtype, key)])
+            self._refresh_alone(variant, lora_A, lora_B, dtype, key)
         return variant.cache_entry.factors
 
-    def _live_members(self):
-        for layer, name, variant in self.members:
-            if layer.lora_variant.get(name) is variant:
-                yield variant, layer.lora_A[name].weight, layer.lora_B[name].weight
+    def _refresh_all(self, device_type: str) -> None:
+        """Refresh every group of whole weights that has a stale member, batched; note when some are sharded.
 
-    def _refresh_all(self) -> None:
-        """Refresh every stale member with whole weights, batched; note when some are sharded."""
-        stale = []
-        for variant, lora_A, lora_B in self._live_members():
+        Each member's compute dtype is read from the autocast state of ``device_type`` (the asking layer's): a
+        member on another kind of device that gets it wrong is refreshed again, alone, at its own forward.
+        """
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        inference = torch.is_inference_mode_enabled()  # tensors made in inference mode are kept apart
+        state = (autocast_dtype, inference)
+        if state == self._groups_state and all(group.refresh_if_stale(inference) for group in self._groups.values()):
+            return  # the usual step: the groups still fit, each refreshed in place
+        by_signature: dict[tuple, list] = {}
+        for member in self.members:
+            if member.layer.lora_variant.get(member.name) is not member.variant:
+                continue  # replaced or removed since
+            lora_A, lora_B = member.lora_A.weight, member.lora_B.weight
             if _is_sharded(lora_A) or _is_sharded(lora_B):
                 self.sharded = True
+                self._groups, self._groups_state = {}, None
                 return
-            dtype = compute_dtype(lora_A.device.type, lora_A.dtype)
-            key = self._key(lora_A, lora_B, dtype)
-            entry = variant.cache_entry
-            if entry is None or entry.key != key:
-                stale.append((variant, lora_A, lora_B, dtype, key))
-        if stale:
-            self._refresh(stale)
+            dtype = autocast_dtype or lora_A.dtype
+            eta = member.variant.eta
+            signature = (lora_A.shape, lora_B.shape, lora_A.dtype, lora_B.dtype, lora_A.device, inference, dtype, eta)
+            by_signature.setdefault(signature, []).append((member, lora_A, lora_B, self._key(lora_A, lora_B, dtype)))
+        groups = {}
+        for signature, items in by_signature.items():
+            members = [member for member, *_ in items]
+            group = self._groups.get(signature)
+            if group is None or group.members != members:
+                group = _Group(self, members, items[0][1], items[0][2], signature)
+            groups[signature] = group
+            if any(_is_stale(member.variant.cache_entry, key) for member, *_, key in items):
+                group.refresh([item[1:] for item in items])
+        self._groups, self._groups_state = groups, state
 
     @torch.no_grad()
-    def _refresh(self, stale: list) -> None:
-        """One :func:`stacked_backward_factors` call per group of layers sharing shapes, dtypes, device and eta.
-
-        ``stale``: ``(variant, lora_A, lora_B, compute dtype, key)`` per layer.
-        """
-        groups: dict[tuple, list] = {}
-        for item in stale:
-            variant, lora_A, lora_B, dtype, _ = item
-            signature = (lora_A.shape, lora_B.shape, lora_A.dtype, lora_B.dtype, lora_A.device, dtype, variant.eta)
-            groups.setdefault(signature, []).append(item)
-        for (*_, dtype, eta), items in groups.items():
-            factors = stacked_backward_factors(
-                torch.stack([item[1] for item in items]), torch.stack([item[2] for item in items]), eta, dtype
-            )
-            per_layer = zip(*(tensor.unbind() for tensor in factors))
-            for (variant, *_, key), layer_factors in zip(items, per_layer):
-                variant.cache_entry = _Entry(key, BackwardFactors(*layer_factors))
-            self.refreshes += 1
+    def _refresh_alone(self, variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype, key) -> None:
+        """One layer's factors, in new tensors: sharded weights (inside the layer's forward), a copied variant, or a
+        member its group no longer describes (its dtype changed alone, say): the groups are then made anew."""
+        self._groups_state = None
+        factors = stacked_backward_factors(lora_A[None], lora_B[None], variant.eta, dtype)
+        variant.cache_entry = _Entry(key, BackwardFactors(*(tensor[0] for tensor in factors)))
+        self.refreshes += 1
 
     def clear(self) -> None:
         """Forget every entry: the next forward recomputes them."""
-        for _, _, variant in self.members:
-            variant.cache_entry = None
+        for member in self.members:
+            member.variant.cache_entry = None
         self.sharded = False
 
 
 def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """``c`` as the layer's last backward applied it (in its compute dtype), as float32 (n_out,): what
-    ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient."""
+    """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype: what ``allora_scale="update"``
+    divides out of the gradients and puts on the update, so both see one coefficient."""
     entry = variant.cache_entry
     dtype = entry.factors.coefficient.dtype if entry is not None else lora_A.dtype
-    return variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient[:, 0].float()
+    return variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient
 
 
 def refresh_allora_coefficients(model: torch.nn.Module) -> None:

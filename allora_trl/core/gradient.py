@@ -55,11 +55,17 @@ def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     float64 for float64 weights: never in bf16/fp16, whose squares overflow or round away.
     """
     dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    a = lora_A.detach().to(dtype)
-    b = lora_B.detach().to(dtype)
-    gram = a @ a.transpose(-1, -2)  # r x r
-    squared = ((b @ gram) * b).sum(dim=-1).clamp_min(0.0)  # b_i^T (A A^T) b_i, clamped: rounding can dip below 0
-    return squared.sqrt()
+    a = _as_dtype(lora_A.detach(), dtype)
+    b = _as_dtype(lora_B.detach(), dtype)
+    matmul = torch.bmm if a.dim() == 3 else torch.matmul  # bmm: the same kernel as @ on a stack, with less dispatch
+    gram = matmul(a, a.transpose(-1, -2))  # r x r
+    squared = matmul(b, gram).mul_(b).sum(dim=-1)  # b_i^T (A A^T) b_i
+    return squared.clamp_min_(0.0).sqrt_()  # clamped first: rounding can dip below 0
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, without the call when it already is (a no-op ``.to`` still costs a dispatch)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def coefficient_from_norms(norms: torch.Tensor, eta: float) -> torch.Tensor:
@@ -72,8 +78,8 @@ def coefficient_from_norms(norms: torch.Tensor, eta: float) -> torch.Tensor:
     at ``eta`` restores it. Both forms are monotone in ``norms`` and give ``0 < c <= eta``.
     """
     if eta <= 1.0:
-        return eta * torch.rsqrt(1.0 + (eta * eta) * norms)
-    return torch.rsqrt(norms + 1.0 / (eta * eta)).clamp_max(eta)
+        return (norms * (eta * eta)).add_(1.0).rsqrt_().mul_(eta)
+    return (norms + 1.0 / (eta * eta)).rsqrt_().clamp_max_(eta)
 
 
 def weight_coefficient(lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float) -> torch.Tensor:
@@ -93,23 +99,39 @@ class BackwardFactors(NamedTuple):
 
 
 def stacked_backward_factors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float, dtype: torch.dtype
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    eta: float,
+    dtype: torch.dtype,
+    out: BackwardFactors | None = None,
 ) -> BackwardFactors:
     """:class:`BackwardFactors` of a stack of layers: ``lora_A`` (L, r, n_in), ``lora_B`` (L, n_out, r).
 
     The weights are cast to ``dtype`` first (what the layers multiply with: the autocast copies under autocast),
     then ``c`` is computed from them in float32 with autocast off, and cast back to ``dtype``. One call costs the
-    same number of operations for one layer or for a hundred.
+    same number of operations for one layer or for a hundred. With ``out``, the factors are written into its
+    tensors (the cache's buffers, whose per-layer views stay valid) instead of new ones.
     """
     device_type = lora_A.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return stacked_backward_factors(lora_A, lora_B, eta, dtype)
-    a = lora_A.detach().to(dtype)
-    b = lora_B.detach().to(dtype)
+            return _stacked_backward_factors(lora_A, lora_B, eta, dtype, out)
+    return _stacked_backward_factors(lora_A, lora_B, eta, dtype, out)
+
+
+def _stacked_backward_factors(lora_A, lora_B, eta, dtype, out) -> BackwardFactors:
+    a = _as_dtype(lora_A.detach(), dtype)
+    b = _as_dtype(lora_B.detach(), dtype)
     norms = lora_row_norms(a, b)
     c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
-    return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
+    if out is None:
+        return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
+    r = b.shape[-1]
+    out.coefficient.copy_(c)
+    out.b_both[..., :r].copy_(b)
+    torch.mul(b, c, out=out.b_both[..., r:])
+    out.row_norms.copy_(norms)
+    return out
 
 
 def output_coefficient(lora_output: torch.Tensor, eta: float) -> torch.Tensor:
@@ -145,9 +167,12 @@ class CoefficientStats:
 
 def _in_dtype(coefficient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float32 coefficient cast to the gradients' dtype, capped at its largest finite value (fp16: 65504)."""
-    if torch.finfo(dtype).max >= torch.finfo(coefficient.dtype).max:
-        return coefficient.to(dtype)  # float32 / bfloat16 / float64 hold every coefficient (c <= eta <= f32 max)
+    if dtype in _HOLD_EVERY_COEFFICIENT:  # c <= eta <= float32's largest value
+        return _as_dtype(coefficient, dtype)
     return coefficient.clamp_max(torch.finfo(dtype).max).to(dtype)
+
+
+_HOLD_EVERY_COEFFICIENT = (torch.float32, torch.float64, torch.bfloat16)
 
 
 class ALLoRAFunction(torch.autograd.Function):
@@ -167,20 +192,24 @@ class ALLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, lora_A, hidden, coefficient, b_both = ctx.saved_tensors
-        grad = grad_output.reshape(-1, grad_output.shape[-1])  # G: tokens x n_out
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        r = lora_A.shape[0]
+        grad, x_shape = grad_output, x.shape  # G: tokens x n_out
+        if grad.dim() != 2:  # tokens on one axis (views where possible; skipped for 2-D: each call counts)
+            grad, hidden, x = grad.reshape(-1, grad.shape[-1]), hidden.reshape(-1, r), x.reshape(-1, x_shape[-1])
         grad_x = grad_A = grad_B = None
         if need_B:  # (G * c)^T (X A^T) == c * (G^T (X A^T))
-            grad_B = torch.mm(grad.T, hidden.reshape(-1, hidden.shape[-1])).mul_(coefficient)
-        r = lora_A.shape[0]
+            grad_B = torch.mm(grad.T, hidden).mul_(coefficient)
         if need_A and need_x:
             both = torch.mm(grad, b_both)  # [G B | G (c B)] in one thin matmul
-            grad_x = torch.mm(both[:, :r], lora_A).view(x.shape)  # G B A: the input gradient is not scaled
-            grad_A = torch.mm(both[:, r:].T, x.reshape(-1, x.shape[-1]))  # ((G * c) B)^T X
+            grad_x = torch.mm(both[:, :r], lora_A)  # G B A: the input gradient is not scaled
+            grad_A = torch.mm(both[:, r:].T, x)  # ((G * c) B)^T X
         elif need_A:  # e.g. the first layer, whose input needs no gradient
-            grad_A = torch.mm(torch.mm(grad, b_both[:, r:].contiguous()).T, x.reshape(-1, x.shape[-1]))
+            grad_A = torch.mm(torch.mm(grad, b_both[:, r:].contiguous()).T, x)
         elif need_x:
-            grad_x = torch.mm(torch.mm(grad, b_both[:, :r]), lora_A).view(x.shape)
+            grad_x = torch.mm(torch.mm(grad, b_both[:, :r]), lora_A)
+        if grad_x is not None and len(x_shape) != 2:
+            grad_x = grad_x.view(x_shape)
         return grad_x, grad_A, grad_B, None, None
 
 
@@ -248,22 +277,48 @@ def allora_lora_forward(
     weight gradients in the weights' dtype.
     """
     device_type = x.device.type
-    dtype = compute_dtype(device_type, lora_A.dtype)
-    if coefficient == "weight" and factors is None:
-        factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
-        factors = BackwardFactors(*(t[0] for t in factors))
-    x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else lora_A.dtype
     if coefficient == "output":
+        x, lora_A, lora_B = _as_dtype(x, dtype), _as_dtype(lora_A, dtype), _as_dtype(lora_B, dtype)
         with torch.autocast(device_type, enabled=False):
             output = ALLoRAOutputFunction.apply(x, lora_A, lora_B, eta)
-    elif torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            output = ALLoRAFunction.apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
-    else:
-        output = ALLoRAFunction.apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
-    if stats is not None and stats.enabled:
-        if coefficient == "output":
+        if stats is not None and stats.enabled:
             stats.record(output_coefficient(output, eta), lora_row_norms(lora_A, lora_B))
-        else:
-            stats.record(factors.coefficient, factors.row_norms)
-    return output
+        return output
+    if factors is None:
+        factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
+        factors = BackwardFactors(*(t[0] for t in factors))
+    if stats is not None and stats.enabled:
+        stats.record(factors.coefficient, factors.row_norms)
+    return weight_rule(x, lora_A, lora_B, factors, dtype if autocast else None)
+
+
+def weight_rule(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, factors: BackwardFactors, autocast_dtype
+) -> torch.Tensor:
+    """:class:`ALLoRAFunction` on ``x``, ``A``, ``B``, cast to ``autocast_dtype`` (None: autocast is off).
+
+    The inner path of :func:`allora_lora_forward`, called directly by the LoRA variant: where a step is bound by
+    launching operations, the few Python calls saved per layer show.
+    """
+    apply = ALLoRAFunction.apply
+    if not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+        apply = _apply_without_functorch
+    if autocast_dtype is None:
+        if x.dtype != lora_A.dtype:
+            x = x.to(lora_A.dtype)
+        return apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
+    x, lora_A, lora_B = (
+        _as_dtype(x, autocast_dtype),
+        _as_dtype(lora_A, autocast_dtype),
+        _as_dtype(lora_B, autocast_dtype),
+    )
+    with torch.autocast(x.device.type, enabled=False):
+        return apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
+
+
+# ``Function.apply`` is a Python wrapper (functorch support: default arguments, dead wrappers) around the C++ apply
+# of its base class; outside functorch transforms and torch.compile it only passes the arguments on, at about 2.4 us
+# a call on a CPU, a share of a launch-bound step.
+_apply_without_functorch = super(torch.autograd.Function, ALLoRAFunction).apply

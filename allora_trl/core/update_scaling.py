@@ -75,6 +75,20 @@ def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
     return pairs
 
 
+def _means(columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each (n, 1) column, in float32: one stack and one mean per shape, not a mean per column."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, column in enumerate(columns):
+        by_shape.setdefault((column.shape, column.dtype), []).append(i)
+    means: list[torch.Tensor] = [None] * len(columns)
+    for indices in by_shape.values():
+        stacked = torch.stack([columns[i] for i in indices])
+        stacked = stacked if stacked.dtype == torch.float32 else stacked.float()
+        for i, mean in zip(indices, stacked.mean(dim=(1, 2)).unbind()):
+            means[i] = mean
+    return means
+
+
 class UpdateScaling:
     """Optimizer hooks that move the ALLoRA coefficient from the gradient to the update (see module docstring).
 
@@ -91,7 +105,7 @@ class UpdateScaling:
                 "apply_allora (or use ALLoRATrainer) before enabling update scaling."
             )
         self.optimizer = optimizer
-        self._pending: list[tuple[list, list, list]] = []  # (weights, their copies, factors) for B, then A
+        self._pending: tuple[list, list, list] | None = None  # (weights, their copies before the step, factors)
         self.last_mean_scale: torch.Tensor | None = None
         self.variants: list[ALLoRALinearVariant] = []  # those enable_update_scaling recorded scale "update" on
         self._handles = [
@@ -103,35 +117,37 @@ class UpdateScaling:
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Divide the factors out of the gradients and keep the weights before the step.
 
-        With ``foreach`` operations over every pair at once: one call per operation, not one per layer.
+        With ``foreach`` operations over every weight at once and the means batched by shape: a fixed number of
+        calls per step, not some per layer.
         """
         pairs = [pair for pair in self.pairs if pair.lora_A.grad is not None or pair.lora_B.grad is not None]
-        # float32 (n_out,): the c the backward pass applied, from the per-step cache
+        if not pairs:
+            self.last_mean_scale, self._pending = None, None
+            return
+        # (n_out, 1) in the compute dtype: the c the backward pass applied, from the per-step cache
         cs = [applied_coefficient(pair.variant, pair.lora_A, pair.lora_B) for pair in pairs]
-        self.last_mean_scale = torch.cat(cs).mean() if cs else None
-        with_B = [i for i, pair in enumerate(pairs) if pair.lora_B.grad is not None]
-        with_A = [i for i, pair in enumerate(pairs) if pair.lora_A.grad is not None]
-        B = [pairs[i].lora_B for i in with_B]
-        A = [pairs[i].lora_A for i in with_A]
-        c_rows = [cs[i][:, None].to(pairs[i].lora_B.grad.dtype) for i in with_B]
-        c_means = [cs[i].mean().to(pairs[i].lora_A.grad.dtype) for i in with_A]
-        if B:
-            torch._foreach_div_([p.grad for p in B], c_rows)  # back to the plain LoRA gradient: c goes on the update
-        if A:
-            torch._foreach_div_([p.grad for p in A], c_means)  # keep the rule's row weighting, at mean 1
-        old_B = torch._foreach_mul(B, 1.0) if B else []  # exact copies of the weights before the step
-        old_A = torch._foreach_mul(A, 1.0) if A else []
-        self._pending = [(B, old_B, c_rows), (A, old_A, c_means)]
+        means = _means(cs)
+        self.last_mean_scale = torch.cat(cs).float().mean()
+        weights, factors = [], []
+        for pair, c, mean in zip(pairs, cs, means):
+            if pair.lora_B.grad is not None:  # back to the plain LoRA gradient: c goes on the update
+                weights.append(pair.lora_B)
+                factors.append(c if c.dtype == pair.lora_B.grad.dtype else c.to(pair.lora_B.grad.dtype))
+            if pair.lora_A.grad is not None:  # keep the rule's row weighting, at mean 1
+                weights.append(pair.lora_A)
+                factors.append(mean if mean.dtype == pair.lora_A.grad.dtype else mean.to(pair.lora_A.grad.dtype))
+        torch._foreach_div_([weight.grad for weight in weights], factors)
+        self._pending = (weights, torch._foreach_mul(weights, 1.0), factors)  # exact copies of the weights
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         """Rescale the step: ``p <- old + factor * (p - old)`` (B row by row by c, A by mean(c))."""
-        for params, old, factors in self._pending:
-            if params:
-                torch._foreach_sub_(params, old)
-                torch._foreach_mul_(params, factors)
-                torch._foreach_add_(params, old)
-        self._pending = []
+        if self._pending is not None:
+            weights, old, factors = self._pending
+            torch._foreach_sub_(weights, old)
+            torch._foreach_mul_(weights, factors)
+            torch._foreach_add_(weights, old)
+        self._pending = None
 
     def remove(self) -> None:
         """Detach the hooks: the optimizer behaves as before, and the layers record ``scale="gradient"`` again."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
 from .coefficient_cache import CoefficientCache, backward_factors_for
-from .gradient import CoefficientStats, allora_lora_forward, compute_dtype
+from .gradient import CoefficientStats, allora_lora_forward, weight_rule
 
 
 class ALLoRALinearVariant(LoraVariant):
@@ -72,10 +72,17 @@ class ALLoRALinearVariant(LoraVariant):
         if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
             # no backward will run (evaluation, generation, a frozen adapter): plain LoRA at scaling 1
             return result + F.linear(F.linear(x, lora_A), lora_B).to(result.dtype)
-        factors = None
-        if self.coefficient == "weight" and self.cache is not None:
-            factors = backward_factors_for(self, lora_A, lora_B, compute_dtype(x.device.type, lora_A.dtype))
-        lora_output = allora_lora_forward(
-            x, lora_A, lora_B, eta=self.eta, coefficient=self.coefficient, stats=self.stats, factors=factors
-        )
-        return result + lora_output.to(result.dtype)
+        if self.coefficient != "weight" or self.cache is None:
+            lora_output = allora_lora_forward(
+                x, lora_A, lora_B, eta=self.eta, coefficient=self.coefficient, stats=self.stats
+            )
+        else:  # the weight coefficient of this optimizer step, from the adapter's cache
+            device_type = x.device.type
+            autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+            factors = backward_factors_for(self, lora_A, lora_B, autocast_dtype or lora_A.dtype)
+            if self.stats.enabled:
+                self.stats.record(factors.coefficient, factors.row_norms)
+            lora_output = weight_rule(x, lora_A, lora_B, factors, autocast_dtype)
+        if lora_output.dtype != result.dtype:
+            lora_output = lora_output.to(result.dtype)
+        return result + lora_output
