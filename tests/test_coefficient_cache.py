@@ -10,7 +10,9 @@ recomputed it in every backward (tests/per_microbatch_rule.py, kept as the refer
 - Cost, counted, not timed (TorchDispatchMode over one whole step: zero_grad, forward, backward, AdamW step): ALLoRA's
   non-view aten operations are at most plain LoRA's plus one per LoRA layer, and a refresh costs the same number
   of operations for 2 or 8 layers of one shape.
-- torch.compile: no graph break and no recompilation over 6 steps.
+- torch.compile: no graph break and no recompilation over 6 steps; update scaling divides out the coefficient in
+  the dtype the graph applied.
+- A graph built before one refresh keeps its coefficient (the buffers are written in place, two sets in turn).
 """
 
 from __future__ import annotations
@@ -333,6 +335,49 @@ def test_update_scaling_and_statistics_read_the_coefficient_the_backward_applied
     assert stats["allora/coefficient_max"] == applied.max().item()
     assert all(v.cache_entry.factors.coefficient.dtype == torch.bfloat16 for v in allora_variants(model))
     scaling.remove()
+
+
+def test_compiled_update_scaling_divides_out_the_coefficient_in_the_dtype_the_graph_applied():
+    """Under torch.compile the factors are computed in the graph; the update hooks then compute c from the cache in
+    the dtype that graph used (bf16 under autocast), not from the fp32 weights."""
+    from allora_trl.core.coefficient_cache import applied_coefficient
+    from allora_trl.core.update_scaling import enable_update_scaling
+
+    torch._dynamo.reset()
+    model = lora_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    enable_update_scaling(opt, model)
+    ids = batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    layer = next(layer for _, layer in iter_lora_layers(model))
+    variant = layer.lora_variant["default"]
+    applied = applied_coefficient(variant, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    assert applied.dtype == torch.bfloat16
+    expected = weight_coefficient(
+        layer.lora_A["default"].weight.bfloat16(), layer.lora_B["default"].weight.bfloat16(), 2.0
+    )
+    torch.testing.assert_close(applied[:, 0].float(), expected.bfloat16().float())
+    opt.step()
+
+
+def test_a_graph_built_before_one_refresh_keeps_its_coefficient():
+    """The factors are written in place into two sets of buffers used in turn: a backward that runs after one more
+    refresh (another optimizer stepped, a new forward) still applies the coefficient of its own forward."""
+    model, reference = lora_model(), lora_model()
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ids = batches(2)
+    loss = model(input_ids=ids[0], labels=ids[0]).loss
+    other.step()  # any optimizer's step makes the next forward refresh
+    model(input_ids=ids[1], labels=ids[1])
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with use_per_microbatch_rule():
+        reference(input_ids=ids[0], labels=ids[0]).loss.backward()
+    for name, param in reference.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(got[name], param.grad, rtol=1e-7, atol=0, msg=name)
 
 
 TRAINERS = ["sft", "dpo", "kto", "grpo", "rloo", "reward"]
