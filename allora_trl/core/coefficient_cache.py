@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .gradient import BackwardFactors, stacked_backward_factors, traced_backward_factors
+from .gradient import BackwardFactors, row_norm_dtype, stacked_backward_factors, traced_backward_factors
 
 _optimizer_steps = 0
 
@@ -113,7 +113,7 @@ class _Group:
         self.stacked = (torch.Size(stacked[0]), torch.Size(stacked[1]), lora_A.dtype, lora_B.dtype)
         (rank, _), n_out, dtype = lora_A.shape, lora_B.shape[0], self.dtype
         rows = (len(members), n_out)
-        norm_dtype = torch.promote_types(dtype, torch.float32)
+        norm_dtype = row_norm_dtype(dtype)
         self.buffers = [
             BackwardFactors(
                 torch.empty(*rows, 1, dtype=dtype, device=lora_A.device),

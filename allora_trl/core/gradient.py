@@ -54,9 +54,9 @@ def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor, out: torch.Tensor
     ``lora_A`` (..., r, n_in), ``lora_B`` (..., n_out, r): one layer, or a stack of them. Computed in float32, or
     float64 for float64 weights: never in bf16/fp16, whose squares overflow or round away. ``out``: written there.
     """
-    dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    a = _as_dtype(lora_A.detach(), dtype)
-    b = _as_dtype(lora_B.detach(), dtype)
+    dtype = row_norm_dtype(lora_A.dtype)
+    a = _detached(lora_A, dtype)
+    b = _detached(lora_B, dtype)
     matmul = torch.bmm if a.dim() == 3 else torch.matmul  # bmm: the same kernel as @ on a stack, with less dispatch
     gram = matmul(a, a.transpose(-1, -2))  # r x r
     squared = torch.sum(matmul(b, gram).mul_(b), dim=-1, out=out)  # b_i^T (A A^T) b_i
@@ -66,6 +66,16 @@ def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor, out: torch.Tensor
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)``, without the call when it already is (a no-op ``.to`` still costs a dispatch)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _detached(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.detach().to(dtype)``, with neither call where it is not needed."""
+    return _as_dtype(tensor.detach() if tensor.requires_grad else tensor, dtype)
+
+
+def row_norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64: ``torch.promote_types(dtype, torch.float32)`` without its dispatch."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def coefficient_from_norms(norms: torch.Tensor, eta: float) -> torch.Tensor:
@@ -120,8 +130,8 @@ def stacked_backward_factors(
 
 
 def _stacked_backward_factors(lora_A, lora_B, eta, dtype, out) -> BackwardFactors:
-    a = _as_dtype(lora_A.detach(), dtype)
-    b = _as_dtype(lora_B.detach(), dtype)
+    a = _detached(lora_A, dtype)
+    b = _detached(lora_B, dtype)
     norms = lora_row_norms(a, b, out=None if out is None else out.row_norms)
     c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
     if out is None:
@@ -149,9 +159,9 @@ def traced_backward_factors(
         factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
         return BackwardFactors(*(tensor[0] for tensor in factors))
     with torch.autocast(lora_A.device.type, enabled=False):
-        a = _as_dtype(lora_A.detach(), dtype)
-        b = _as_dtype(lora_B.detach(), dtype)
-        norm_dtype = torch.promote_types(dtype, torch.float32)
+        a = _detached(lora_A, dtype)
+        b = _detached(lora_B, dtype)
+        norm_dtype = row_norm_dtype(dtype)
         a_wide, b_wide = _as_dtype(a, norm_dtype), _as_dtype(b, norm_dtype)
         gram = (a_wide[:, None, :] * a_wide[None, :, :]).sum(-1)  # A A^T
         squared = (b_wide[:, :, None] * gram[None] * b_wide[:, None, :]).sum((1, 2))  # b_i^T (A A^T) b_i
