@@ -103,12 +103,12 @@ class _Group:
     overwritten, and autograd's check of saved tensors then raises instead of computing with the wrong ``c``.
     """
 
-    __slots__ = ("cache", "members", "eta", "dtype", "inference", "stacked", "buffers", "entries", "turn")
+    __slots__ = ("cache", "members", "eta", "dtype", "stacked", "buffers", "entries", "turn")
 
     def __init__(self, cache, members: list, lora_A: torch.Tensor, lora_B: torch.Tensor, signature: tuple):
         self.cache = cache  # counts the refreshes
         self.members = members
-        *_, self.inference, self.dtype, self.eta = signature
+        *_, self.dtype, self.eta = signature
         stacked = (len(members), *lora_A.shape), (len(members), *lora_B.shape)
         self.stacked = (torch.Size(stacked[0]), torch.Size(stacked[1]), lora_A.dtype, lora_B.dtype)
         (rank, _), n_out, dtype = lora_A.shape, lora_B.shape[0], self.dtype
@@ -134,7 +134,7 @@ class _Group:
         self._write(torch.stack([w[0] for w in weights]), torch.stack([w[1] for w in weights]), [w[2] for w in weights])
 
     @torch.no_grad()
-    def refresh_if_stale(self, inference: bool) -> bool:
+    def refresh_if_stale(self) -> bool:
         """The per-step path: refresh if any member is stale; False if the group no longer fits its members.
 
         Cheaper than grouping anew (no signature per member): stacking the weights checks shapes, dtypes and device
@@ -146,7 +146,7 @@ class _Group:
         # ``_parameters`` directly: what ``module.weight`` returns, without nn.Module's __getattr__ (0.5 us a call)
         lora_As = [member.lora_A._parameters["weight"] for member in members]
         lora_Bs = [member.lora_B._parameters["weight"] for member in members]
-        if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)) or inference != self.inference:
+        if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)):
             return False
         keys = [self.cache._key(lora_A, lora_B, self.dtype) for lora_A, lora_B in zip(lora_As, lora_Bs)]
         if not any(_is_stale(member.variant.cache_entry, key) for member, key in zip(members, keys)):
@@ -230,7 +230,7 @@ class CoefficientCache:
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         inference = torch.is_inference_mode_enabled()  # tensors made in inference mode are kept apart
         state = (autocast_dtype, inference)
-        if state == self._groups_state and all(group.refresh_if_stale(inference) for group in self._groups.values()):
+        if state == self._groups_state and all(group.refresh_if_stale() for group in self._groups.values()):
             return  # the usual step: the groups still fit, each refreshed in place
         by_signature: dict[tuple, list] = {}
         for member in self.members:
@@ -278,8 +278,8 @@ def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> 
     entry = variant.cache_entry
     if entry is not None:
         dtype = entry.factors.coefficient.dtype
-    else:  # none yet: the forward ran in a compiled graph, or has not run
-        dtype = getattr(variant, "traced_dtype", lora_A.dtype)
+    else:  # none yet: the forward ran in a compiled graph (which records its dtype), or has not run
+        dtype = variant.traced_dtype or lora_A.dtype
     return variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient
 
 

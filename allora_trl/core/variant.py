@@ -35,6 +35,7 @@ class ALLoRALinearVariant(LoraVariant):
         self.stats = CoefficientStats()
         self.cache = cache  # shared by the adapter's layers: the weight coefficient once per optimizer step
         self.cache_entry = None
+        self.traced_dtype = None  # the compute dtype of the last forward traced by torch.compile
 
     def __getstate__(self):
         # a copy (TRL's reference models are deep copies) recomputes its own coefficient
@@ -43,6 +44,7 @@ class ALLoRALinearVariant(LoraVariant):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache_entry = None
+        self.__dict__.setdefault("traced_dtype", None)
 
     def supports_lora_conversion(self) -> bool:
         return True  # an ALLoRA adapter *is* a LoRA adapter with alpha == r
