@@ -148,7 +148,7 @@ def traced_backward_factors(
 ) -> BackwardFactors:
     """One layer's :class:`BackwardFactors` inside a ``torch.compile`` graph: the same formula as
     :func:`stacked_backward_factors`, with the two small matmuls written as sums of products, which the compiler
-    fuses with the rest into a few kernels instead of launching two matmul kernels per layer (1.10 -> 1.06 of
+    fuses with the rest into a few kernels instead of launching two matmul kernels per layer (1.09 -> 1.04 of
     LoRA's step on ``benchmarks.launch_bound``'s CPU model). Equal to the eager factors up to rounding.
 
     Unfused (a backend that does not fuse), the products are materialised: (r, r, n_in) and (n_out, r, r) elements;
@@ -342,8 +342,8 @@ def weight_rule(
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         apply = _apply_without_functorch
     if autocast_dtype is None:
-        if x.dtype != lora_A.dtype:
-            x = x.to(lora_A.dtype)
+        if x.dtype != lora_A.dtype or lora_B.dtype != lora_A.dtype:
+            x, lora_B = _as_dtype(x, lora_A.dtype), _as_dtype(lora_B, lora_A.dtype)
         return apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
     x, lora_A, lora_B = (
         _as_dtype(x, autocast_dtype),

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from allora_trl.core import gradient
 from allora_trl.core.coefficient_cache import backward_factors
 from allora_trl.core.variant import ALLoRALinearVariant
 
@@ -176,9 +177,7 @@ def compute_dtype(X: torch.Tensor, projections: list[Projection]) -> torch.dtype
     The same rule as the ALLoRA variant's own forward, so the per-step coefficient cache holds one entry per layer
     whichever path a layer runs.
     """
-    if torch.is_autocast_enabled(X.device.type):
-        return torch.get_autocast_dtype(X.device.type)
-    return projections[0].lora_A.dtype
+    return gradient.compute_dtype(X.device.type, projections[0].lora_A.dtype)
 
 
 def backward_factors_of(projections: list[Projection], dtype: torch.dtype) -> tuple:
