@@ -8,7 +8,12 @@ training step each (zero_grad, forward, backward, AdamW step: the per-step coeff
 hooks are inside it), interleaved rounds, median ratio. Then the same models under ``torch.compile`` (TRL's
 ``torch_compile=True``); the rule traces without graph breaks (``tests/test_coefficient_cache.py``).
 
-    python -m benchmarks.launch_bound [--device cuda] [--layers 8] [--width 64] [--tokens 16]
+    python -m benchmarks.launch_bound [--device cuda] [--layers 8] [--width 64] [--tokens 16] [--model llama]
+
+``--model llama`` puts the LoRA layers where a fine-tune has them: a tiny Llama (``--layers`` decoder layers of
+width ``--width``, LoRA on all seven linear layers of each), one sequence of ``--tokens`` random token ids, the
+language-model loss; there attention, norms and the head dilute what the LoRA layers cost. The default, a plain
+stack of LoRA layers, is the worst case: nothing but LoRA layers.
 
 On a CPU this is a proxy (per-operation dispatch instead of kernel launches); on a GPU it is the real thing.
 """
@@ -20,10 +25,12 @@ import statistics
 import time
 
 METHODS = ("lora", "allora", "allora_update")
+VOCAB = 256  # the tiny Llama's vocabulary
 
 
-def build(method: str, layers: int, width: int, rank: int, device: str):
-    """``(model, optimizer)``: a stack of ``layers`` LoRA-adapted linear layers and its AdamW."""
+def build(method: str, layers: int, width: int, rank: int, device: str, kind: str = "stack"):
+    """``(model, optimizer)``: ``layers`` LoRA-adapted linear layers (``kind="stack"``) or decoder layers of a tiny
+    Llama with LoRA on every linear layer (``kind="llama"``), and its AdamW."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -31,9 +38,18 @@ def build(method: str, layers: int, width: int, rank: int, device: str):
     from allora_trl.core.update_scaling import enable_update_scaling
 
     torch.manual_seed(0)
-    stack = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
-    targets = [str(i) for i in range(layers)]
-    model = get_peft_model(stack, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0))
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        )  # fmt: skip
+        base, targets = LlamaForCausalLM(config).to(device), "all-linear"
+    else:
+        base = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
+        targets = [str(i) for i in range(layers)]
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0))
     if method != "lora":
         apply_allora(model, eta=2.0)
     for name, param in model.named_parameters():
@@ -56,7 +72,7 @@ def ratios(models: dict, x, rounds: int, steps: int, autocast: bool) -> tuple[di
         model, optimizer = pair
         optimizer.zero_grad()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x)
+            out = model(input_ids=x, labels=x).loss if x.dtype == torch.long else model(x)
         out.float().sum().backward()
         optimizer.step()
 
@@ -93,14 +109,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50, help="training steps per timed block")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument(
+        "--model", choices=("stack", "llama"), default="stack", help="a stack of LoRA layers, or a tiny Llama"
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
     autocast = args.device == "cuda"  # bf16 autocast on a GPU, as in training; fp32 on a CPU
-    x = torch.randn(args.tokens, args.width, device=args.device)
-    models = {name: build(name, args.layers, args.width, args.rank, args.device) for name in METHODS}
+    if args.model == "llama":
+        x = torch.randint(0, VOCAB, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+        what = f"tiny Llama, {args.layers} decoder layers {args.width} wide ({7 * args.layers} LoRA layers)"
+    else:
+        x = torch.randn(args.tokens, args.width, device=args.device)
+        what = f"{args.layers} LoRA layers {args.width}x{args.width}"
+    models = {name: build(name, args.layers, args.width, args.rank, args.device, args.model) for name in METHODS}
     print(
-        f"{args.layers} LoRA layers {args.width}x{args.width}, r={args.rank}, {args.tokens} tokens, {args.device}"
+        f"{what}, r={args.rank}, {args.tokens} tokens, {args.device}"
         f"{', bf16 autocast' if autocast else ', fp32'}; time of one training step (zero_grad, forward, backward, "
         f"AdamW step) / LoRA's, median of {args.rounds}"
     )

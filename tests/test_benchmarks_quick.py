@@ -268,12 +268,13 @@ def test_quick_mode_end_to_end(tmp_path, tiny_model_dir):
     assert again.stdout.count("skip (finished)") == len(runs)
 
 
-def test_launch_bound_benchmark_prints_positive_ratios(capsys):
+@pytest.mark.parametrize("model", ["stack", "llama"])
+def test_launch_bound_benchmark_prints_positive_ratios(capsys, model):
     """One line per variant, ``  eager    1.234  [name 1.234 ...]  (...)``: each time ratio to LoRA before the
-    parenthesis parses and is positive."""
+    parenthesis parses and is positive; for a stack of LoRA layers and for a tiny Llama."""
     from benchmarks.launch_bound import main
 
-    args = ["--device", "cpu", "--layers", "2", "--rounds", "2", "--steps", "2", "--no-compile"]
+    args = ["--device", "cpu", "--layers", "2", "--rounds", "2", "--steps", "2", "--no-compile", "--model", model]
     assert main(args) == 0
     lines = re.findall(r"^\s+(eager|compiled)\s+([^(]*)\(", capsys.readouterr().out, re.MULTILINE)
     assert [label for label, _ in lines] == ["eager"], lines
