@@ -362,6 +362,24 @@ def test_compiled_update_scaling_divides_out_the_coefficient_in_the_dtype_the_gr
     opt.step()
 
 
+def test_each_step_refreshes_in_place_into_two_sets_of_buffers():
+    """The usual step re-uses its groups: each refresh writes into the other of two sets of buffers made once, so
+    the coefficients a layer reads alternate between two tensors, and one refresh per group and step is made."""
+    model = lora_model()
+    variant = next(allora_variants(model))
+    cache = variant.cache
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seen = []
+    for ids in batches(5):
+        model(input_ids=ids, labels=ids).loss.backward()
+        seen.append(variant.cache_entry.factors.coefficient)
+        opt.step()
+        opt.zero_grad()
+    assert [t.data_ptr() for t in seen[2:]] == [t.data_ptr() for t in seen[:3]]  # period 2
+    assert seen[0].data_ptr() != seen[1].data_ptr()
+    assert cache.refreshes == 5 * len(cache._groups) == 15  # q/k/v/o, gate/up, down: three shapes
+
+
 def test_a_graph_built_before_one_refresh_keeps_its_coefficient():
     """The factors are written in place into two sets of buffers used in turn: a backward that runs after one more
     refresh (another optimizer stepped, a new forward) still applies the coefficient of its own forward."""
