@@ -38,7 +38,13 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .gradient import BackwardFactors, row_norm_dtype, stacked_backward_factors, traced_backward_factors
+from .gradient import (
+    BackwardFactors,
+    autocast_dtype,
+    row_norm_dtype,
+    stacked_backward_factors,
+    traced_backward_factors,
+)
 
 _optimizer_steps = 0
 
@@ -210,14 +216,12 @@ class CoefficientCache:
     def factors(self, variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> BackwardFactors:
         """The factors for these weights in ``dtype``: cached, or refreshed now (with every stale layer if whole)."""
         key = self._key(lora_A, lora_B, dtype)
-        entry = variant.cache_entry
-        if entry is not None and entry.key == key:
-            return entry.factors
+        if not _is_stale(variant.cache_entry, key):
+            return variant.cache_entry.factors
         if not self.sharded:
             self._refresh_all(lora_A.device.type)
             key = self._key(lora_A, lora_B, dtype)  # without the storage, if the walk found sharded weights
-        entry = variant.cache_entry
-        if entry is None or entry.key != key:  # sharded, or not a member (a copied variant): this layer alone
+        if _is_stale(variant.cache_entry, key):  # sharded, or not a member (a copied variant): this layer alone
             self._refresh_alone(variant, lora_A, lora_B, dtype, key)
         return variant.cache_entry.factors
 
@@ -227,9 +231,9 @@ class CoefficientCache:
         Each member's compute dtype is read from the autocast state of ``device_type`` (the asking layer's): a
         member on another kind of device that gets it wrong is refreshed again, alone, at its own forward.
         """
-        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        autocast = autocast_dtype(device_type)
         inference = torch.is_inference_mode_enabled()  # tensors made in inference mode are kept apart
-        state = (autocast_dtype, inference)
+        state = (autocast, inference)
         if state == self._groups_state and all(group.refresh_if_stale() for group in self._groups.values()):
             return  # the usual step: the groups still fit, each refreshed in place
         by_signature: dict[tuple, list] = {}
@@ -241,7 +245,7 @@ class CoefficientCache:
                 self.sharded = True
                 self._groups, self._groups_state = {}, None
                 return
-            dtype = autocast_dtype or lora_A.dtype
+            dtype = autocast or lora_A.dtype
             eta = member.variant.eta
             signature = (lora_A.shape, lora_B.shape, lora_A.dtype, lora_B.dtype, lora_A.device, inference, dtype, eta)
             by_signature.setdefault(signature, []).append((member, lora_A, lora_B, self._key(lora_A, lora_B, dtype)))

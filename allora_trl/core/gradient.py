@@ -133,6 +133,11 @@ def _stacked_backward_factors(lora_A, lora_B, eta, dtype, out) -> BackwardFactor
     a = _detached(lora_A, dtype)
     b = _detached(lora_B, dtype)
     norms = lora_row_norms(a, b, out=None if out is None else out.row_norms)
+    return _factors_from_norms(b, norms, eta, dtype, out)
+
+
+def _factors_from_norms(b, norms, eta, dtype, out=None) -> BackwardFactors:
+    """``c`` from the row norms, cast to ``dtype``, and ``[B | c B]``; into ``out`` (whose row norms are ``norms``)."""
     c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
     if out is None:
         return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
@@ -165,9 +170,7 @@ def traced_backward_factors(
         a_wide, b_wide = _as_dtype(a, norm_dtype), _as_dtype(b, norm_dtype)
         gram = (a_wide[:, None, :] * a_wide[None, :, :]).sum(-1)  # A A^T
         squared = (b_wide[:, :, None] * gram[None] * b_wide[:, None, :]).sum((1, 2))  # b_i^T (A A^T) b_i
-        norms = squared.clamp_min(0.0).sqrt()
-        c = _in_dtype(coefficient_from_norms(norms, eta), dtype).unsqueeze(-1)
-        return BackwardFactors(c, torch.cat([b, b * c], dim=-1), norms)
+        return _factors_from_norms(b, squared.clamp_min(0.0).sqrt(), eta, dtype)
 
 
 def output_coefficient(lora_output: torch.Tensor, eta: float) -> torch.Tensor:
@@ -278,11 +281,14 @@ class ALLoRAOutputFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``device_type`` while autocast is on there, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype a LoRA layer multiplies in: the autocast dtype under autocast (as ``F.linear``), else the weights'."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight_dtype
+    return autocast_dtype(device_type) or weight_dtype
 
 
 def allora_lora_forward(
@@ -313,8 +319,8 @@ def allora_lora_forward(
     weight gradients in the weights' dtype.
     """
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else lora_A.dtype
+    autocast = autocast_dtype(device_type)
+    dtype = autocast or lora_A.dtype
     if coefficient == "output":
         x, lora_A, lora_B = _as_dtype(x, dtype), _as_dtype(lora_A, dtype), _as_dtype(lora_B, dtype)
         with torch.autocast(device_type, enabled=False):
@@ -327,13 +333,13 @@ def allora_lora_forward(
         factors = BackwardFactors(*(t[0] for t in factors))
     if stats is not None and stats.enabled:
         stats.record(factors.coefficient, factors.row_norms)
-    return weight_rule(x, lora_A, lora_B, factors, dtype if autocast else None)
+    return weight_rule(x, lora_A, lora_B, factors, autocast)
 
 
 def weight_rule(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, factors: BackwardFactors, autocast_dtype
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, factors: BackwardFactors, cast_to
 ) -> torch.Tensor:
-    """:class:`ALLoRAFunction` on ``x``, ``A``, ``B``, cast to ``autocast_dtype`` (None: autocast is off).
+    """:class:`ALLoRAFunction` on ``x``, ``A``, ``B``, cast to ``cast_to``, the autocast dtype (None: autocast is off).
 
     The inner path of :func:`allora_lora_forward`, called directly by the LoRA variant: where a step is bound by
     launching operations, the few Python calls saved per layer show.
@@ -341,14 +347,14 @@ def weight_rule(
     apply = ALLoRAFunction.apply
     if not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         apply = _apply_without_functorch
-    if autocast_dtype is None:
+    if cast_to is None:
         if x.dtype != lora_A.dtype or lora_B.dtype != lora_A.dtype:
             x, lora_B = _as_dtype(x, lora_A.dtype), _as_dtype(lora_B, lora_A.dtype)
         return apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)
     x, lora_A, lora_B = (
-        _as_dtype(x, autocast_dtype),
-        _as_dtype(lora_A, autocast_dtype),
-        _as_dtype(lora_B, autocast_dtype),
+        _as_dtype(x, cast_to),
+        _as_dtype(lora_A, cast_to),
+        _as_dtype(lora_B, cast_to),
     )
     with torch.autocast(x.device.type, enabled=False):
         return apply(x, lora_A, lora_B, factors.coefficient, factors.b_both)

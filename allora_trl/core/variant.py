@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
 from .coefficient_cache import CoefficientCache, backward_factors_for
-from .gradient import CoefficientStats, allora_lora_forward, weight_rule
+from .gradient import CoefficientStats, allora_lora_forward, autocast_dtype, weight_rule
 
 
 class ALLoRALinearVariant(LoraVariant):
@@ -79,12 +79,11 @@ class ALLoRALinearVariant(LoraVariant):
                 x, lora_A, lora_B, eta=self.eta, coefficient=self.coefficient, stats=self.stats
             )
         else:  # the weight coefficient of this optimizer step, from the adapter's cache
-            device_type = x.device.type
-            autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-            factors = backward_factors_for(self, lora_A, lora_B, autocast_dtype or lora_A.dtype)
+            autocast = autocast_dtype(x.device.type)
+            factors = backward_factors_for(self, lora_A, lora_B, autocast or lora_A.dtype)
             if self.stats.enabled:
                 self.stats.record(factors.coefficient, factors.row_norms)
-            lora_output = weight_rule(x, lora_A, lora_B, factors, autocast_dtype)
+            lora_output = weight_rule(x, lora_A, lora_B, factors, autocast)
         if lora_output.dtype != result.dtype:
             lora_output = lora_output.to(result.dtype)
         return result + lora_output
