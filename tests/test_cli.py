@@ -160,7 +160,7 @@ def test_misspelt_target_module_fails_after_loading_before_anything_is_written(
 ):
     import allora_trl.job.evaluation as evaluation
 
-    monkeypatch.setattr(evaluation, "evaluate_multiple_choice", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(evaluation, "held_out_docs", lambda *a, **k: pytest.fail("evaluated first"))
     data = tmp_path / "qa.jsonl"
     qa_dataset.to_json(str(data))
     code, err = run(

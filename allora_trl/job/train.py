@@ -163,7 +163,7 @@ def run_training(script_args, training_args) -> dict:
 
     from ..core.model import check_target_modules
     from .checkpoints import JobTrainer, check_resume_checkpoint, save_final_adapter
-    from .evaluation import answer_losses, compare_answer_loss, evaluate_multiple_choice
+    from .evaluation import answer_losses, compare_answer_loss, evaluate_docs, held_out_docs
     from .plots import plot_loss_curve
 
     started = time.time()
@@ -202,15 +202,14 @@ def run_training(script_args, training_args) -> dict:
         remove_old_checkpoints(training_args.output_dir)
 
     eval_tasks = [] if script_args.skip_eval else split_list(script_args.eval_tasks)
-    eval_kwargs = dict(
-        split=script_args.eval_split, limit=script_args.eval_limit or None, batch_size=script_args.eval_batch_size
-    )
+    batch_size = script_args.eval_batch_size
     is_main = training_args.process_index == 0
-    before, loss_before = {}, {}
+    held_out, before, loss_before = {}, {}, {}
     if eval_tasks and is_main:
         logger.info("Accuracy before training on %s (%s split)...", ", ".join(eval_tasks), script_args.eval_split)
-        before = evaluate_multiple_choice(model, tokenizer, eval_tasks, **eval_kwargs)
-        loss_before = answer_losses(model, tokenizer, eval_tasks, **eval_kwargs)
+        held_out = held_out_docs(eval_tasks, script_args.eval_split, script_args.eval_limit or None)
+        before = evaluate_docs(model, tokenizer, held_out, batch_size=batch_size)
+        loss_before = answer_losses(model, tokenizer, held_out, batch_size=batch_size)
         logger.info("Before: %s", before)
 
     peft_config = LoraConfig(
@@ -236,9 +235,12 @@ def run_training(script_args, training_args) -> dict:
         after, loss = {}, {}
         if eval_tasks:
             logger.info("Accuracy after training...")
-            after = evaluate_multiple_choice(trainer.model, tokenizer, eval_tasks, **eval_kwargs)
+            held_out = held_out or held_out_docs(eval_tasks, script_args.eval_split, script_args.eval_limit or None)
+            after = evaluate_docs(trainer.model, tokenizer, held_out, batch_size=batch_size)
             logger.info("After: %s", after)
-            loss = compare_answer_loss(loss_before, answer_losses(trainer.model, tokenizer, eval_tasks, **eval_kwargs))
+            loss = compare_answer_loss(
+                loss_before, answer_losses(trainer.model, tokenizer, held_out, batch_size=batch_size)
+            )
         out = Path(training_args.output_dir)
         tokenizer.save_pretrained(out)
         history = trainer.state.log_history
