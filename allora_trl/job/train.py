@@ -300,4 +300,9 @@ def run_training(script_args, training_args) -> dict:
                 *(x[k] for x in (b, a, c) for k in ("mean", "low", "high")),
             )
         logger.info("Adapter, loss_curve.png and summary.json written to %s (%.0f s)", out, summary["total_runtime_s"])
+    # Under `accelerate launch` every process waits for the main one's evaluation and writing, then leaves the process
+    # group: a process that exits with its group still open can abort in the group's teardown (gloo: "terminate called
+    # without an active exception", exit -6), failing a run that trained and saved. One process: both are no-ops.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return summary

@@ -64,6 +64,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"lora": lora, "layer_stats": layer_stats}, os.path.join(args.out, "result.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # leaving with the group open can abort in its teardown
 
 
 if __name__ == "__main__":
