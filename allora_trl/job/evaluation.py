@@ -82,7 +82,9 @@ def evaluate_docs(
     """Score named lists of examples (from :func:`~allora_trl.job.assets.commonsense_docs`) with lm-eval.
 
     Returns ``{name: {"acc", "acc_stderr", "acc_norm", "n"}}``, plus ``"correct"`` (0/1 per example, in the given
-    order) with ``per_question=True``, for paired comparisons. A peft model in memory works as is.
+    order) with ``per_question=True``, for paired comparisons. A peft model in memory works as is. Under
+    ``accelerate launch`` every process scores every example (a sharded model needs all of them for a forward);
+    processes other than each machine's first get ``{}``.
     """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
@@ -103,6 +105,8 @@ def evaluate_docs(
                 log_samples=per_question,
                 verbosity="WARNING",
             )
+            if output is None:  # lm-eval returns its results in one process per machine only (LOCAL_RANK 0)
+                return {}
             for name, task_name in names.items():
                 row = output["results"][task_name]
                 results[name] = {

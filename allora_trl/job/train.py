@@ -203,9 +203,10 @@ def run_training(script_args, training_args) -> dict:
 
     eval_tasks = [] if script_args.skip_eval else split_list(script_args.eval_tasks)
     batch_size = script_args.eval_batch_size
-    is_main = training_args.process_index == 0
+    # Every process evaluates (under `accelerate launch`): a sharded model (FSDP2, ZeRO-3) runs a forward only with
+    # all its processes; the main one alone writes the results.
     held_out, before, loss_before = {}, {}, {}
-    if eval_tasks and is_main:
+    if eval_tasks:
         logger.info("Accuracy before training on %s (%s split)...", ", ".join(eval_tasks), script_args.eval_split)
         held_out = held_out_docs(eval_tasks, script_args.eval_split, script_args.eval_limit or None)
         before = evaluate_docs(model, tokenizer, held_out, batch_size=batch_size)
@@ -230,17 +231,15 @@ def run_training(script_args, training_args) -> dict:
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final_adapter(trainer, training_args.output_dir)  # all or nothing
 
-    summary = {}
+    summary, after, loss = {}, {}, {}
+    if eval_tasks:
+        logger.info("Accuracy after training...")
+        after = evaluate_docs(trainer.model, tokenizer, held_out, batch_size=batch_size)
+        logger.info("After: %s", after)
+        loss = compare_answer_loss(
+            loss_before, answer_losses(trainer.model, tokenizer, held_out, batch_size=batch_size)
+        )
     if trainer.is_world_process_zero():
-        after, loss = {}, {}
-        if eval_tasks:
-            logger.info("Accuracy after training...")
-            held_out = held_out or held_out_docs(eval_tasks, script_args.eval_split, script_args.eval_limit or None)
-            after = evaluate_docs(trainer.model, tokenizer, held_out, batch_size=batch_size)
-            logger.info("After: %s", after)
-            loss = compare_answer_loss(
-                loss_before, answer_losses(trainer.model, tokenizer, held_out, batch_size=batch_size)
-            )
         out = Path(training_args.output_dir)
         tokenizer.save_pretrained(out)
         history = trainer.state.log_history

@@ -124,3 +124,21 @@ def test_accelerate_ddp_matches_single_process(tmp_path, tiny_model_dir):
     mid_one, mid_ddp = (load_file(run / "checkpoint-2" / "adapter_model.safetensors") for run in (one, ddp))
     for key in mid_one:
         torch.testing.assert_close(mid_ddp[key], mid_one[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_evaluates_in_every_process(tmp_path, tiny_model_dir):
+    """With evaluation on, every process evaluates (a sharded model, FSDP2 or ZeRO-3, runs a forward only with all
+    its processes: one evaluating alone would wait for the others for ever); the main one alone writes the results,
+    and every process leaves the process group before exiting."""
+    config = job_config(tmp_path, tiny_model_dir)
+    output = accelerate_launch(
+        *("--config_file", str(DDP_CONFIG), "--num_processes", "2", "--mixed_precision", "no"),
+        *("-m", "allora_trl.cli", "train", "--config", str(config), "--output_dir", str(tmp_path / "ddp")),
+        *("--skip_eval", "false", "--eval_tasks", "arc_easy", "--eval_limit", "4", "--eval_batch_size", "4"),
+        *("--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "4"),
+    )
+    assert output.count("Accuracy before training") == 2 and output.count("Accuracy after training") == 2
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["accuracy_after"]["arc_easy"]["n"] == 4
+    assert summary["answer_loss_change"]["arc_easy"]["n"] == 4
