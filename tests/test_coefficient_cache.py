@@ -353,7 +353,8 @@ def test_compiled_update_scaling_divides_out_the_coefficient_in_the_dtype_the_gr
         compiled(input_ids=ids, labels=ids).loss.backward()
     layer = next(layer for _, layer in iter_lora_layers(model))
     variant = layer.lora_variant["default"]
-    applied = applied_coefficient(variant, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    applied, mean = applied_coefficient(variant, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    assert mean.dtype == torch.float32 and mean.item() == applied.float().mean().item()
     assert applied.dtype == torch.bfloat16
     expected = weight_coefficient(
         layer.lora_A["default"].weight.bfloat16(), layer.lora_B["default"].weight.bfloat16(), 2.0

@@ -61,6 +61,7 @@ register_optimizer_step_post_hook(_count_optimizer_step)  # every torch optimize
 class _Entry:
     key: tuple
     factors: BackwardFactors
+    mean: torch.Tensor | None = None  # mean of c in float32, kept by a batched refresh for allora_scale="update"
 
 
 def _forget_layer_entries(layer: torch.nn.Module, incompatible_keys) -> None:
@@ -109,7 +110,7 @@ class _Group:
     overwritten, and autograd's check of saved tensors then raises instead of computing with the wrong ``c``.
     """
 
-    __slots__ = ("cache", "members", "eta", "dtype", "stacked", "buffers", "entries", "turn")
+    __slots__ = ("cache", "members", "eta", "dtype", "stacked", "buffers", "means", "entries", "turn")
 
     def __init__(self, cache, members: list, lora_A: torch.Tensor, lora_B: torch.Tensor, signature: tuple):
         self.cache = cache  # counts the refreshes
@@ -128,6 +129,7 @@ class _Group:
             )
             for _ in range(2)
         ]
+        self.means = [torch.empty(len(members), dtype=torch.float32, device=lora_A.device) for _ in range(2)]
         self.entries = [
             [_Entry(None, BackwardFactors(*views)) for views in zip(*(tensor.unbind() for tensor in buffers))]
             for buffers in self.buffers
@@ -167,10 +169,13 @@ class _Group:
         return True
 
     def _write(self, stacked_A: torch.Tensor, stacked_B: torch.Tensor, keys: list[tuple]) -> None:
-        self.turn = 1 - self.turn
-        stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=self.buffers[self.turn])
-        for member, key, entry in zip(self.members, keys, self.entries[self.turn]):
-            entry.key = key
+        self.turn = turn = 1 - self.turn
+        factors = stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=self.buffers[turn])
+        means = [None] * len(keys)
+        if self.cache.keeps_means:  # one mean for the group, not one per layer in the update hooks
+            means = torch.mean(factors.coefficient, dim=(1, 2), dtype=torch.float32, out=self.means[turn]).unbind()
+        for member, key, entry, mean in zip(self.members, keys, self.entries[turn], means):
+            entry.key, entry.mean = key, mean
             member.variant.cache_entry = entry
         self.cache.refreshes += 1
 
@@ -178,13 +183,15 @@ class _Group:
 class CoefficientCache:
     """The weight coefficients of one ALLoRA adapter's layers (one per :func:`~allora_trl.apply_allora` call).
 
-    ``refreshes`` counts the batched and single-layer refreshes (for tests and benchmarks).
+    ``refreshes`` counts the batched and single-layer refreshes (for tests and benchmarks). ``keeps_means``: each
+    batched refresh also keeps the mean of every layer's ``c`` (``allora_scale="update"`` sets it).
     """
 
     def __init__(self):
         self.members: list[_Member] = []
         self.sharded = False
         self.refreshes = 0
+        self.keeps_means = False
         self._groups: dict[tuple, _Group] = {}  # by signature; made at the first batched refresh that needs one
         self._groups_state = None  # (autocast dtype, inference mode) the groups were made under
 
@@ -276,15 +283,17 @@ class CoefficientCache:
         self.sharded = False
 
 
-def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype: what ``allora_scale="update"``
-    divides out of the gradients and puts on the update, so both see one coefficient."""
+def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype, and its mean in float32: what
+    ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient."""
     entry = variant.cache_entry
     if entry is not None:
         dtype = entry.factors.coefficient.dtype
     else:  # none yet: the forward ran in a compiled graph (which records its dtype), or has not run
         dtype = variant.traced_dtype or lora_A.dtype
-    return variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient
+    coefficient = variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient
+    mean = variant.cache_entry.mean  # None unless a batched refresh kept it
+    return coefficient, coefficient.mean(dtype=torch.float32) if mean is None else mean
 
 
 def refresh_allora_coefficients(model: torch.nn.Module) -> None:

@@ -75,25 +75,10 @@ def _allora_pairs(model: torch.nn.Module, optimized: set[int]) -> list[_Pair]:
     return pairs
 
 
-def _means(columns: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean of each (n, 1) column, in float32: one stack and one mean per shape, not a mean per column."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i, column in enumerate(columns):
-        by_shape.setdefault((column.shape, column.dtype), []).append(i)
-    means: list[torch.Tensor] = [None] * len(columns)
-    for indices in by_shape.values():
-        stacked = torch.stack([columns[i] for i in indices])
-        stacked = stacked if stacked.dtype == torch.float32 else stacked.float()
-        for i, mean in zip(indices, stacked.mean(dim=(1, 2)).unbind()):
-            means[i] = mean
-    return means
-
-
 class UpdateScaling:
     """Optimizer hooks that move the ALLoRA coefficient from the gradient to the update (see module docstring).
 
-    Build it with :func:`enable_update_scaling`; ``remove()`` detaches the hooks. ``last_mean_scale`` is the mean
-    of ``c`` over all rows of all layers at the last step (a float tensor, no host sync).
+    Build it with :func:`enable_update_scaling`; ``remove()`` detaches the hooks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
@@ -106,7 +91,8 @@ class UpdateScaling:
             )
         self.optimizer = optimizer
         self._pending: tuple[list, list, list] | None = None  # (weights, their copies before the step, factors)
-        self.last_mean_scale: torch.Tensor | None = None
+        self._copies: list[torch.Tensor] = []  # where the weights are copied before each step, made once
+        self._copied: list[tuple] = []  # what those copies were made for: (id, shape, dtype, device) per weight
         self.variants: list[ALLoRALinearVariant] = []  # those enable_update_scaling recorded scale "update" on
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -117,19 +103,17 @@ class UpdateScaling:
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Divide the factors out of the gradients and keep the weights before the step.
 
-        With ``foreach`` operations over every weight at once and the means batched by shape: a fixed number of
-        calls per step, not some per layer.
+        With ``foreach`` operations over every weight at once, the means of ``c`` kept by the cache's batched refresh
+        and the copies made into tensors kept from step to step: a fixed number of calls per step, not some per layer.
         """
         pairs = [pair for pair in self.pairs if pair.lora_A.grad is not None or pair.lora_B.grad is not None]
         if not pairs:
-            self.last_mean_scale, self._pending = None, None
+            self._pending = None
             return
-        # (n_out, 1) in the compute dtype: the c the backward pass applied, from the per-step cache
-        cs = [applied_coefficient(pair.variant, pair.lora_A, pair.lora_B) for pair in pairs]
-        means = _means(cs)
-        self.last_mean_scale = torch.cat(cs).float().mean()
+        # c (n_out, 1) in the compute dtype, the one the backward pass applied, and its mean: from the per-step cache
         weights, factors = [], []
-        for pair, c, mean in zip(pairs, cs, means):
+        for pair in pairs:
+            c, mean = applied_coefficient(pair.variant, pair.lora_A, pair.lora_B)
             if pair.lora_B.grad is not None:  # back to the plain LoRA gradient: c goes on the update
                 weights.append(pair.lora_B)
                 factors.append(c if c.dtype == pair.lora_B.grad.dtype else c.to(pair.lora_B.grad.dtype))
@@ -137,7 +121,11 @@ class UpdateScaling:
                 weights.append(pair.lora_A)
                 factors.append(mean if mean.dtype == pair.lora_A.grad.dtype else mean.to(pair.lora_A.grad.dtype))
         torch._foreach_div_([weight.grad for weight in weights], factors)
-        self._pending = (weights, torch._foreach_mul(weights, 1.0), factors)  # exact copies of the weights
+        copied = [(id(weight), weight.shape, weight.dtype, weight.device) for weight in weights]
+        if copied != self._copied:  # other weights than last step (a frozen adapter, a cast): new copies
+            self._copies, self._copied = [torch.empty_like(weight) for weight in weights], copied
+        torch._foreach_copy_(self._copies, weights)  # exact copies, into tensors made once (no allocation per step)
+        self._pending = (weights, self._copies, factors)
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -154,8 +142,11 @@ class UpdateScaling:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._copies, self._copied = [], []
         for variant in self.variants:
             variant.scale = "gradient"
+            if variant.cache is not None:
+                variant.cache.keeps_means = False
 
 
 def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> UpdateScaling:
@@ -187,4 +178,6 @@ def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     ]
     for variant in scaling.variants:
         variant.scale = "update"
+        if variant.cache is not None:
+            variant.cache.keeps_means = True  # the batched refresh keeps the means of c the hooks need
     return scaling
