@@ -129,12 +129,12 @@ class UpdateScaling:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        """Rescale the step: ``p <- old + factor * (p - old)`` (B row by row by c, A by mean(c))."""
+        """Rescale the step: ``p <- old + factor * (p - old)`` (B row by row by c, A by mean(c)): a lerp from the
+        copies towards the new weights, then copied back (two passes, not subtract, multiply and add)."""
         if self._pending is not None:
             weights, old, factors = self._pending
-            torch._foreach_sub_(weights, old)
-            torch._foreach_mul_(weights, factors)
-            torch._foreach_add_(weights, old)
+            torch._foreach_lerp_(old, weights, factors)
+            torch._foreach_copy_(weights, old)
         self._pending = None
 
     def remove(self) -> None:
