@@ -10,8 +10,8 @@ recomputed it in every backward (tests/per_microbatch_rule.py, kept as the refer
 - Cost, counted, not timed (TorchDispatchMode over one whole step: zero_grad, forward, backward, AdamW step): ALLoRA's
   non-view aten operations are at most plain LoRA's plus one per LoRA layer, and a refresh costs the same number
   of operations for 2 or 8 layers of one shape.
-- torch.compile: no graph break and no recompilation over 6 steps; update scaling divides out the coefficient in
-  the dtype the graph applied.
+- torch.compile: no graph break and no recompilation over 6 steps; update scaling divides out the coefficient the
+  graph applied (it hands it out), in its dtype, with no refresh of the cache.
 - A graph built before one refresh keeps its coefficient (the buffers are written in place, two sets in turn).
 """
 
@@ -285,6 +285,7 @@ def test_refresh_cost_does_not_grow_with_the_number_of_layers():
 
 def test_compiled_training_has_no_graph_break_and_no_recompile():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests
     model = lora_model()
     eager_model = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager")
@@ -337,30 +338,36 @@ def test_update_scaling_and_statistics_read_the_coefficient_the_backward_applied
     scaling.remove()
 
 
-def test_compiled_update_scaling_divides_out_the_coefficient_in_the_dtype_the_graph_applied():
-    """Under torch.compile the factors are computed in the graph; the update hooks then compute c from the cache in
-    the dtype that graph used (bf16 under autocast), not from the fp32 weights."""
+def test_compiled_update_scaling_divides_out_the_coefficient_the_graph_applied():
+    """Under torch.compile the factors are computed in the graph, which hands its c out: the update hooks divide out
+    exactly that one (bf16 under autocast, not one from the fp32 weights), with no refresh of the cache, and the
+    graph is neither broken nor recompiled from step to step."""
     from allora_trl.core.coefficient_cache import applied_coefficient
     from allora_trl.core.update_scaling import enable_update_scaling
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier tests
     model = lora_model()
     compiled = torch.compile(model, backend="aot_eager")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     enable_update_scaling(opt, model)
-    ids = batches(1)[0]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        compiled(input_ids=ids, labels=ids).loss.backward()
     layer = next(layer for _, layer in iter_lora_layers(model))
     variant = layer.lora_variant["default"]
-    applied, mean = applied_coefficient(variant, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
-    assert mean.dtype == torch.float32 and mean.item() == applied.float().mean().item()
-    assert applied.dtype == torch.bfloat16
-    expected = weight_coefficient(
-        layer.lora_A["default"].weight.bfloat16(), layer.lora_B["default"].weight.bfloat16(), 2.0
-    )
-    torch.testing.assert_close(applied[:, 0].float(), expected.bfloat16().float())
-    opt.step()
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    for ids in batches(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(input_ids=ids, labels=ids).loss.backward()
+        applied, mean = applied_coefficient(variant, lora_A, lora_B)
+        assert applied is variant.traced_coefficient and applied.dtype == torch.bfloat16
+        assert mean.dtype == torch.float32 and mean.item() == applied.float().mean().item()
+        expected = weight_coefficient(lora_A.bfloat16(), lora_B.bfloat16(), 2.0)
+        torch.testing.assert_close(applied[:, 0].float(), expected.bfloat16().float())
+        opt.step()
+        opt.zero_grad()
+    assert variant.cache.refreshes == 0
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_each_step_refreshes_in_place_into_two_sets_of_buffers():

@@ -172,7 +172,7 @@ class _Group:
         self.turn = turn = 1 - self.turn
         factors = stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=self.buffers[turn])
         means = [None] * len(keys)
-        if self.cache.keeps_means:  # one mean for the group, not one per layer in the update hooks
+        if self.cache.serves_update_scaling:  # one mean for the group, not one per layer in the update hooks
             means = torch.mean(factors.coefficient, dim=(1, 2), dtype=torch.float32, out=self.means[turn]).unbind()
         for member, key, entry, mean in zip(self.members, keys, self.entries[turn], means):
             entry.key, entry.mean = key, mean
@@ -183,15 +183,16 @@ class _Group:
 class CoefficientCache:
     """The weight coefficients of one ALLoRA adapter's layers (one per :func:`~allora_trl.apply_allora` call).
 
-    ``refreshes`` counts the batched and single-layer refreshes (for tests and benchmarks). ``keeps_means``: each
-    batched refresh also keeps the mean of every layer's ``c`` (``allora_scale="update"`` sets it).
+    ``refreshes`` counts the batched and single-layer refreshes (for tests and benchmarks).
+    ``serves_update_scaling``: the update hooks read it (``allora_scale="update"`` sets it): each batched refresh
+    also keeps the mean of every layer's ``c``, and a ``torch.compile`` graph hands out the ``c`` it computes.
     """
 
     def __init__(self):
         self.members: list[_Member] = []
         self.sharded = False
         self.refreshes = 0
-        self.keeps_means = False
+        self.serves_update_scaling = False
         self._groups: dict[tuple, _Group] = {}  # by signature; made at the first batched refresh that needs one
         self._groups_state = None  # (autocast dtype, inference mode) the groups were made under
 
@@ -285,14 +286,20 @@ class CoefficientCache:
 
 def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype, and its mean in float32: what
-    ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient."""
-    entry = variant.cache_entry
-    if entry is not None:
-        dtype = entry.factors.coefficient.dtype
-    else:  # none yet: the forward ran in a compiled graph (which records its dtype), or has not run
-        dtype = variant.traced_dtype or lora_A.dtype
-    coefficient = variant.cache.factors(variant, lora_A, lora_B, dtype).coefficient
-    mean = variant.cache_entry.mean  # None unless a batched refresh kept it
+    ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient.
+
+    From the cache if its entry is current; else the one a ``torch.compile`` graph computed in its last forward (the
+    graph hands it out); else (no forward since the weights changed) computed now, in the dtype of the last entry.
+    """
+    entry, cache = variant.cache_entry, variant.cache
+    if entry is not None and not _is_stale(entry, cache._key(lora_A, lora_B, entry.factors.coefficient.dtype)):
+        coefficient, mean = entry.factors.coefficient, entry.mean  # the mean if a batched refresh kept it
+    elif variant.traced_coefficient is not None:
+        coefficient, mean = variant.traced_coefficient, None
+    else:
+        dtype = lora_A.dtype if entry is None else entry.factors.coefficient.dtype
+        coefficient = cache.factors(variant, lora_A, lora_B, dtype).coefficient
+        mean = variant.cache_entry.mean
     return coefficient, coefficient.mean(dtype=torch.float32) if mean is None else mean
 
 
@@ -316,8 +323,10 @@ def backward_factors_for(variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dt
     every step.
     """
     if torch.compiler.is_compiling():
-        variant.traced_dtype = dtype  # for applied_coefficient, outside the graph (dynamo replays the assignment)
-        return traced_backward_factors(lora_A, lora_B, variant.eta, dtype)
+        factors = traced_backward_factors(lora_A, lora_B, variant.eta, dtype)
+        if variant.cache.serves_update_scaling:  # for applied_coefficient: c becomes an output of the graph
+            variant.traced_coefficient = factors.coefficient
+        return factors
     return variant.cache.factors(variant, lora_A, lora_B, dtype)
 
 

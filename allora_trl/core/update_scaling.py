@@ -145,8 +145,9 @@ class UpdateScaling:
         self._copies, self._copied = [], []
         for variant in self.variants:
             variant.scale = "gradient"
+            variant.traced_coefficient = None
             if variant.cache is not None:
-                variant.cache.keeps_means = False
+                variant.cache.serves_update_scaling = False
 
 
 def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> UpdateScaling:
@@ -179,5 +180,5 @@ def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     for variant in scaling.variants:
         variant.scale = "update"
         if variant.cache is not None:
-            variant.cache.keeps_means = True  # the batched refresh keeps the means of c the hooks need
+            variant.cache.serves_update_scaling = True  # means of c kept, a compiled graph's c handed out
     return scaling
