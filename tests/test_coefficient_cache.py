@@ -358,7 +358,7 @@ def test_compiled_update_scaling_divides_out_the_coefficient_the_graph_applied()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             compiled(input_ids=ids, labels=ids).loss.backward()
         applied, mean = applied_coefficient(variant, lora_A, lora_B)
-        assert applied is variant.traced_coefficient and applied.dtype == torch.bfloat16
+        assert applied is variant.traced_applied[0] and applied.dtype == torch.bfloat16
         assert mean.dtype == torch.float32 and mean.item() == applied.float().mean().item()
         expected = weight_coefficient(lora_A.bfloat16(), lora_B.bfloat16(), 2.0)
         torch.testing.assert_close(applied[:, 0].float(), expected.bfloat16().float())

@@ -294,8 +294,8 @@ def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> 
     entry, cache = variant.cache_entry, variant.cache
     if entry is not None and not _is_stale(entry, cache._key(lora_A, lora_B, entry.factors.coefficient.dtype)):
         coefficient, mean = entry.factors.coefficient, entry.mean  # the mean if a batched refresh kept it
-    elif variant.traced_coefficient is not None:
-        coefficient, mean = variant.traced_coefficient, None
+    elif variant.traced_applied is not None:
+        coefficient, mean = variant.traced_applied
     else:
         dtype = lora_A.dtype if entry is None else entry.factors.coefficient.dtype
         coefficient = cache.factors(variant, lora_A, lora_B, dtype).coefficient
@@ -324,8 +324,8 @@ def backward_factors_for(variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dt
     """
     if torch.compiler.is_compiling():
         factors = traced_backward_factors(lora_A, lora_B, variant.eta, dtype)
-        if variant.cache.serves_update_scaling:  # for applied_coefficient: c becomes an output of the graph
-            variant.traced_coefficient = factors.coefficient
+        if variant.cache.serves_update_scaling:  # for applied_coefficient: c and its mean become graph outputs
+            variant.traced_applied = (factors.coefficient, factors.coefficient.mean(dtype=torch.float32))
         return factors
     return variant.cache.factors(variant, lora_A, lora_B, dtype)
 

@@ -145,7 +145,7 @@ class UpdateScaling:
         self._copies, self._copied = [], []
         for variant in self.variants:
             variant.scale = "gradient"
-            variant.traced_coefficient = None
+            variant.traced_applied = None
             if variant.cache is not None:
                 variant.cache.serves_update_scaling = False
 

@@ -35,16 +35,16 @@ class ALLoRALinearVariant(LoraVariant):
         self.stats = CoefficientStats()
         self.cache = cache  # shared by the adapter's layers: the weight coefficient once per optimizer step
         self.cache_entry = None
-        self.traced_coefficient = None  # c of the last forward run by a torch.compile graph (one of its outputs)
+        self.traced_applied = None  # (c, its mean) of the last forward run in a torch.compile graph (its outputs)
 
     def __getstate__(self):
         # a copy (TRL's reference models are deep copies) recomputes its own coefficient
-        return {k: v for k, v in self.__dict__.items() if k not in ("cache_entry", "traced_coefficient")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("cache_entry", "traced_applied")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.cache_entry = None
-        self.traced_coefficient = None
+        self.traced_applied = None
 
     def supports_lora_conversion(self) -> bool:
         return True  # an ALLoRA adapter *is* a LoRA adapter with alpha == r
