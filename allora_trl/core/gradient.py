@@ -244,7 +244,7 @@ class ALLoRAFunction(torch.autograd.Function):
             grad_x = torch.mm(both[:, :r], lora_A)  # G B A: the input gradient is not scaled
             grad_A = torch.mm(both[:, r:].T, x)  # ((G * c) B)^T X
         elif need_A:  # e.g. the first layer, whose input needs no gradient
-            grad_A = torch.mm(torch.mm(grad, b_both[:, r:].contiguous()).T, x)
+            grad_A = torch.mm(torch.mm(grad, b_both[:, r:]).T, x)
         elif need_x:
             grad_x = torch.mm(torch.mm(grad, b_both[:, :r]), lora_A)
         if grad_x is not None and len(x_shape) != 2:

@@ -69,8 +69,7 @@ class ALLoRALinearVariant(LoraVariant):
         return orig_weight.data - delta.to(device=orig_weight.device, dtype=orig_weight.dtype)
 
     def forward(self, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        lora_A = module.lora_A[active_adapter].weight
-        lora_B = module.lora_B[active_adapter].weight
+        lora_A, lora_B = _lora_weights(module, active_adapter)
         if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
             # no backward will run (evaluation, generation, a frozen adapter): plain LoRA at scaling 1
             return result + F.linear(F.linear(x, lora_A), lora_B).to(result.dtype)
@@ -87,3 +86,17 @@ class ALLoRALinearVariant(LoraVariant):
         if lora_output.dtype != result.dtype:
             lora_output = lora_output.to(result.dtype)
         return result + lora_output
+
+
+def _lora_weights(module: torch.nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module.lora_A[adapter_name].weight`` and ``module.lora_B[adapter_name].weight``, read from the modules' own
+    dicts: the same tensors without ``nn.Module``'s and ``ModuleDict``'s Python lookups (about 2.5 us a layer, a
+    share of a step bound by launching operations)."""
+    modules = module._modules
+    try:
+        return (
+            modules["lora_A"]._modules[adapter_name]._parameters["weight"],
+            modules["lora_B"]._modules[adapter_name]._parameters["weight"],
+        )
+    except KeyError:  # not held as plain parameters (a parametrization, say): the usual lookups
+        return module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
