@@ -40,10 +40,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .gradient import (
     BackwardFactors,
+    FactorBuffers,
     autocast_dtype,
-    row_norm_dtype,
     stacked_backward_factors,
     traced_backward_factors,
+    write_stacked_backward_factors,
 )
 
 _optimizer_steps = 0
@@ -118,20 +119,11 @@ class _Group:
         *_, self.dtype, self.eta = signature
         stacked = (len(members), *lora_A.shape), (len(members), *lora_B.shape)
         self.stacked = (torch.Size(stacked[0]), torch.Size(stacked[1]), lora_A.dtype, lora_B.dtype)
-        (rank, _), n_out, dtype = lora_A.shape, lora_B.shape[0], self.dtype
-        rows = (len(members), n_out)
-        norm_dtype = row_norm_dtype(dtype)
-        self.buffers = [
-            BackwardFactors(
-                torch.empty(*rows, 1, dtype=dtype, device=lora_A.device),
-                torch.empty(*rows, 2 * rank, dtype=dtype, device=lora_A.device),
-                torch.empty(*rows, dtype=norm_dtype, device=lora_A.device),
-            )
-            for _ in range(2)
-        ]
+        (rank, _), n_out = lora_A.shape, lora_B.shape[0]
+        self.buffers = [FactorBuffers(len(members), n_out, rank, self.dtype, lora_A.device) for _ in range(2)]
         self.means = [torch.empty(len(members), dtype=torch.float32, device=lora_A.device) for _ in range(2)]
         self.entries = [
-            [_Entry(None, BackwardFactors(*views)) for views in zip(*(tensor.unbind() for tensor in buffers))]
+            [_Entry(None, BackwardFactors(*views)) for views in zip(*(t.unbind() for t in buffers.factors()))]
             for buffers in self.buffers
         ]
         self.turn = 0
@@ -170,10 +162,11 @@ class _Group:
 
     def _write(self, stacked_A: torch.Tensor, stacked_B: torch.Tensor, keys: list[tuple]) -> None:
         self.turn = turn = 1 - self.turn
-        factors = stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=self.buffers[turn])
+        buffers = self.buffers[turn]
+        write_stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=buffers)
         means = [None] * len(keys)
         if self.cache.serves_update_scaling:  # one mean for the group, not one per layer in the update hooks
-            means = torch.mean(factors.coefficient, dim=(1, 2), dtype=torch.float32, out=self.means[turn]).unbind()
+            means = torch.mean(buffers.coefficient, dim=(1, 2), dtype=torch.float32, out=self.means[turn]).unbind()
         for member, key, entry, mean in zip(self.members, keys, self.entries[turn], means):
             entry.key, entry.mean = key, mean
             member.variant.cache_entry = entry
