@@ -151,7 +151,7 @@ def write_stacked_backward_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float, dtype: torch.dtype, out: FactorBuffers
 ) -> None:
     """:func:`stacked_backward_factors`, written into ``out`` (whose views, the cache's per-layer factors, stay
-    valid): equal to it bit for bit, in three fewer operations (``c`` is computed where it is kept, in float32,
+    valid): equal to it bit for bit, in two fewer operations (``c`` is computed where it is kept, in float32,
     and ``[B | c B]`` is one multiplication)."""
     with _autocast_off(lora_A.device.type):
         a = _detached(lora_A, dtype)
