@@ -208,6 +208,24 @@ def test_weights_changed_outside_an_optimizer_are_seen(edit):
     assert_same_weights(got, expected)
 
 
+def test_parametrized_lora_weights_train_as_plain_ones():
+    """A LoRA weight behind a parametrization is not in its module's ``_parameters``: the fast paths that read it
+    there fall back to ``module.weight``, and training equals the unparametrized model's."""
+    from torch.nn.utils import parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, weight):
+            return weight
+
+    model, reference = lora_model(), lora_model()
+    for _, layer in iter_lora_layers(model):
+        parametrize.register_parametrization(layer.lora_A["default"], "weight", Same())
+    got = train(model, steps=3, optimizer="adamw-foreach")
+    expected = train(reference, steps=3, optimizer="adamw-foreach")
+    parametrized = "lora_A.default.parametrizations.weight.original"  # where the parametrized A keeps its values
+    assert_same_weights(got, {name.replace("lora_A.default.weight", parametrized): w for name, w in expected.items()})
+
+
 def test_gradient_checkpointing_recomputation_reuses_the_coefficient():
     model = lora_model()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -144,8 +144,11 @@ class _Group:
         if not all(member.layer.lora_variant.get(member.name) is member.variant for member in members):
             return False
         # ``_parameters`` directly: what ``module.weight`` returns, without nn.Module's __getattr__ (0.5 us a call)
-        lora_As = [member.lora_A._parameters["weight"] for member in members]
-        lora_Bs = [member.lora_B._parameters["weight"] for member in members]
+        try:
+            lora_As = [member.lora_A._parameters["weight"] for member in members]
+            lora_Bs = [member.lora_B._parameters["weight"] for member in members]
+        except KeyError:  # a weight that is not a plain parameter (a parametrization): the grouping walk reads it
+            return False
         if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)):
             return False
         keys = [self.cache._key(lora_A, lora_B, self.dtype) for lora_A, lora_B in zip(lora_As, lora_Bs)]
