@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,9 +252,11 @@ class ALLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, coefficient, b_both):
-        hidden = x @ lora_A.T  # tokens x r: the same tensor vanilla LoRA keeps for grad_B
+        # F.linear: the same matmuls as x @ A^T, without two Python-level transposes (the function runs with autocast
+        # off, so it casts nothing)
+        hidden = F.linear(x, lora_A)  # tokens x r: the same tensor vanilla LoRA keeps for grad_B
         ctx.save_for_backward(x, lora_A, hidden, coefficient, b_both)  # B is b_both[:, :r]
-        return hidden @ lora_B.T
+        return F.linear(hidden, lora_B)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -284,8 +287,8 @@ class ALLoRAOutputFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, eta: float):
-        hidden = x @ lora_A.T
-        output = hidden @ lora_B.T
+        hidden = F.linear(x, lora_A)
+        output = F.linear(hidden, lora_B)
         ctx.eta = eta
         ctx.save_for_backward(x, lora_A, lora_B, hidden, output)
         return output
