@@ -209,18 +209,21 @@ def test_weights_changed_outside_an_optimizer_are_seen(edit):
 
 
 def test_parametrized_lora_weights_train_as_plain_ones():
-    """A LoRA weight behind a parametrization is not in its module's ``_parameters``: the fast paths that read it
-    there fall back to ``module.weight``, and training equals the unparametrized model's."""
+    """A LoRA weight behind a parametrization is not in its module's ``_parameters`` and is a new tensor at each
+    access: the fast paths that read ``_parameters`` fall back to ``module.weight``, each layer refreshes alone once
+    per step (as sharded weights do; not once per layer per layer), and training equals the unparametrized model's."""
     from torch.nn.utils import parametrize
 
     class Same(torch.nn.Module):
         def forward(self, weight):
-            return weight
+            return weight * 1.0  # the same values, in a new tensor at each access
 
     model, reference = lora_model(), lora_model()
     for _, layer in iter_lora_layers(model):
         parametrize.register_parametrization(layer.lora_A["default"], "weight", Same())
     got = train(model, steps=3, optimizer="adamw-foreach")
+    cache = next(allora_variants(model)).cache
+    assert cache.sharded and cache.refreshes == 3 * len(list(iter_lora_layers(model)))
     expected = train(reference, steps=3, optimizer="adamw-foreach")
     parametrized = "lora_A.default.parametrizations.weight.original"  # where the parametrized A keeps its values
     assert_same_weights(got, {name.replace("lora_A.default.weight", parametrized): w for name, w in expected.items()})

@@ -88,6 +88,13 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return type(weight) not in _WHOLE_TYPES or weight.dim() != 2 or "ds_id" in weight.__dict__
 
 
+def _held_as_parameters(member) -> bool:
+    """Whether the member's weights are parameters of their modules. A parametrized weight
+    (``torch.nn.utils.parametrize``) is computed anew at each access (its storage is no key), and it is refreshed
+    layer by layer like a sharded one."""
+    return "weight" in member.lora_A._parameters and "weight" in member.lora_B._parameters
+
+
 @dataclass(slots=True)
 class _Member:
     """One layer's adapter in the cache, with its ``lora_A`` / ``lora_B`` linear modules, looked up once: two module
@@ -147,7 +154,7 @@ class _Group:
         try:
             lora_As = [member.lora_A._parameters["weight"] for member in members]
             lora_Bs = [member.lora_B._parameters["weight"] for member in members]
-        except KeyError:  # a weight that is not a plain parameter (a parametrization): the grouping walk reads it
+        except KeyError:  # a weight that is not a parameter (a parametrization): the grouping walk handles it
             return False
         if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)):
             return False
@@ -245,7 +252,7 @@ class CoefficientCache:
             if member.layer.lora_variant.get(member.name) is not member.variant:
                 continue  # replaced or removed since
             lora_A, lora_B = member.lora_A.weight, member.lora_B.weight
-            if _is_sharded(lora_A) or _is_sharded(lora_B):
+            if _is_sharded(lora_A) or _is_sharded(lora_B) or not _held_as_parameters(member):
                 self.sharded = True
                 self._groups, self._groups_state = {}, None
                 return
