@@ -231,15 +231,14 @@ def run_training(script_args, training_args) -> dict:
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final_adapter(trainer, training_args.output_dir)  # all or nothing
 
-    summary, after, loss = {}, {}, {}
+    summary, after, loss_after = {}, {}, {}
     if eval_tasks:
         logger.info("Accuracy after training...")
         after = evaluate_docs(trainer.model, tokenizer, held_out, batch_size=batch_size)
         logger.info("After: %s", after)
-        loss = compare_answer_loss(
-            loss_before, answer_losses(trainer.model, tokenizer, held_out, batch_size=batch_size)
-        )
+        loss_after = answer_losses(trainer.model, tokenizer, held_out, batch_size=batch_size)
     if trainer.is_world_process_zero():
+        loss = compare_answer_loss(loss_before, loss_after)  # the intervals, in the process that writes them
         out = Path(training_args.output_dir)
         tokenizer.save_pretrained(out)
         history = trainer.state.log_history
