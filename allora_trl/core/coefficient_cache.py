@@ -76,7 +76,7 @@ def _is_stale(entry: _Entry | None, key: tuple) -> bool:
     return entry is None or entry.key != key
 
 
-_WHOLE_TYPES = (torch.nn.Parameter, torch.Tensor)
+_WHOLE_TYPES = frozenset((torch.nn.Parameter, torch.Tensor))
 
 
 def _is_sharded(weight: torch.Tensor) -> bool:
@@ -124,10 +124,10 @@ class _Group:
         self.cache = cache  # counts the refreshes
         self.members = members
         *_, self.dtype, self.eta = signature
-        stacked = (len(members), *lora_A.shape), (len(members), *lora_B.shape)
-        self.stacked = (torch.Size(stacked[0]), torch.Size(stacked[1]), lora_A.dtype, lora_B.dtype)
-        (rank, _), n_out = lora_A.shape, lora_B.shape[0]
-        self.buffers = [FactorBuffers(len(members), n_out, rank, self.dtype, lora_A.device) for _ in range(2)]
+        stacked_A = lora_A.expand(len(members), *lora_A.shape)  # shapes and dtypes of the stacks, for the buffers
+        stacked_B = lora_B.expand(len(members), *lora_B.shape)
+        self.stacked = (stacked_A.shape, stacked_B.shape, lora_A.dtype, lora_B.dtype)
+        self.buffers = [FactorBuffers(stacked_A, stacked_B, self.dtype) for _ in range(2)]
         self.means = [torch.empty(len(members), dtype=torch.float32, device=lora_A.device) for _ in range(2)]
         self.entries = [
             [_Entry(None, BackwardFactors(*views)) for views in zip(*(t.unbind() for t in buffers.factors()))]
@@ -136,51 +136,56 @@ class _Group:
         self.turn = 0
 
     @torch.no_grad()
-    def refresh(self, weights: list[tuple[torch.Tensor, torch.Tensor, tuple]]) -> None:
+    def refresh(self, weights: list[tuple[torch.Tensor, torch.Tensor, tuple]]) -> bool:
         """Compute the factors of ``weights`` (``(lora_A, lora_B, key)`` per member) into the next set of buffers."""
-        self._write(torch.stack([w[0] for w in weights]), torch.stack([w[1] for w in weights]), [w[2] for w in weights])
+        return self._write([w[0] for w in weights], [w[1] for w in weights], [w[2] for w in weights])
 
     @torch.no_grad()
     def refresh_if_stale(self) -> bool:
         """The per-step path: refresh if any member is stale; False if the group no longer fits its members.
 
-        Cheaper than grouping anew (no signature per member): stacking the weights checks shapes, dtypes and device
-        at once.
+        Cheaper than grouping anew, as it runs once per step: no signature per member, and the shapes, dtypes and
+        device are checked by stacking the weights. A member whose variant was removed or replaced since is still
+        refreshed (wasted work, no harm) until the groups are next made.
         """
         members = self.members
-        if not all(member.layer.lora_variant.get(member.name) is member.variant for member in members):
-            return False
         # ``_parameters`` directly: what ``module.weight`` returns, without nn.Module's __getattr__ (0.5 us a call)
         try:
             lora_As = [member.lora_A._parameters["weight"] for member in members]
             lora_Bs = [member.lora_B._parameters["weight"] for member in members]
         except KeyError:  # a weight that is not a parameter (a parametrization): the grouping walk handles it
             return False
-        if any(map(_is_sharded, lora_As)) or any(map(_is_sharded, lora_Bs)):
-            return False
-        keys = [self.cache._key(lora_A, lora_B, self.dtype) for lora_A, lora_B in zip(lora_As, lora_Bs)]
+        if not _WHOLE_TYPES.issuperset(map(type, lora_As)) or not _WHOLE_TYPES.issuperset(map(type, lora_Bs)):
+            return False  # sharded since (FSDP2's DTensors); ZeRO-3's emptied weights fail the stacking below
+        steps, inference, dtype = _optimizer_steps, torch.is_inference_mode_enabled(), self.dtype
+        keys = [
+            (steps, dtype, inference, a._version, b._version, a.data_ptr(), b.data_ptr())  # CoefficientCache._key
+            for a, b in zip(lora_As, lora_Bs)
+        ]
         if not any(_is_stale(member.variant.cache_entry, key) for member, key in zip(members, keys)):
             return True
+        return self._write(lora_As, lora_Bs, keys)
+
+    def _write(self, lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], keys: list[tuple]) -> bool:
+        """Compute the factors of the weights into the next set of buffers; False (nothing written) if they no longer
+        fit the group's shapes, dtypes or device."""
         try:
             stacked_A, stacked_B = torch.stack(lora_As), torch.stack(lora_Bs)
         except RuntimeError:  # shapes or devices no longer match
             return False
         if (stacked_A.shape, stacked_B.shape, stacked_A.dtype, stacked_B.dtype) != self.stacked:
             return False
-        self._write(stacked_A, stacked_B, keys)
-        return True
-
-    def _write(self, stacked_A: torch.Tensor, stacked_B: torch.Tensor, keys: list[tuple]) -> None:
         self.turn = turn = 1 - self.turn
         buffers = self.buffers[turn]
         write_stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=buffers)
         means = [None] * len(keys)
         if self.cache.serves_update_scaling:  # one mean for the group, not one per layer in the update hooks
-            means = torch.mean(buffers.coefficient, dim=(1, 2), dtype=torch.float32, out=self.means[turn]).unbind()
+            means = torch.mean(buffers.c, dim=1, dtype=torch.float32, out=self.means[turn]).unbind()
         for member, key, entry, mean in zip(self.members, keys, self.entries[turn], means):
             entry.key, entry.mean = key, mean
             member.variant.cache_entry = entry
         self.cache.refreshes += 1
+        return True
 
 
 class CoefficientCache:
@@ -227,8 +232,9 @@ class CoefficientCache:
     def factors(self, variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> BackwardFactors:
         """The factors for these weights in ``dtype``: cached, or refreshed now (with every stale layer if whole)."""
         key = self._key(lora_A, lora_B, dtype)
-        if not _is_stale(variant.cache_entry, key):
-            return variant.cache_entry.factors
+        entry = variant.cache_entry
+        if entry is not None and entry.key == key:  # _is_stale, inline: this runs in every layer's forward
+            return entry.factors
         if not self.sharded:
             self._refresh_all(lora_A.device.type)
             key = self._key(lora_A, lora_B, dtype)  # without the storage, if the walk found sharded weights
@@ -291,11 +297,13 @@ def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> 
     """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype, and its mean in float32: what
     ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient.
 
-    From the cache if its entry is current; else the one a ``torch.compile`` graph computed in its last forward (the
-    graph hands it out); else (no forward since the weights changed) computed now, in the dtype of the last entry.
+    From the cache if its entry was made since the last optimizer step (the one this step's forward passes used);
+    else the one a ``torch.compile`` graph computed in its last forward (the graph hands it out); else (no forward
+    since the last step) computed now, in the dtype of the last entry. Runs for every layer before every step, so
+    the entry's step count is checked, not its whole key.
     """
     entry, cache = variant.cache_entry, variant.cache
-    if entry is not None and not _is_stale(entry, cache._key(lora_A, lora_B, entry.factors.coefficient.dtype)):
+    if entry is not None and entry.key[0] == _optimizer_steps:  # key[0]: the step count (CoefficientCache._key)
         coefficient, mean = entry.factors.coefficient, entry.mean  # the mean if a batched refresh kept it
     elif variant.traced_applied is not None:
         coefficient, mean = variant.traced_applied

@@ -55,13 +55,21 @@ def lora_row_norms(lora_A: torch.Tensor, lora_B: torch.Tensor, out: torch.Tensor
 
     ``lora_A`` (..., r, n_in), ``lora_B`` (..., n_out, r): one layer, or a stack of them. Computed in float32, or
     float64 for float64 weights: never in bf16/fp16, whose squares overflow or round away. ``out``: written there.
+    With ``B`` transposed, ``b_i^T (A A^T) b_i`` is column i of ``(A A^T) B^T`` times ``B^T``, summed over r: the
+    elementwise work and the sum run along n_out, not along r (a few elements).
     """
     dtype = row_norm_dtype(lora_A.dtype)
     a = _detached(lora_A, dtype)
-    b = _detached(lora_B, dtype)
+    b_t = _detached(lora_B, dtype).transpose(-1, -2)  # (..., r, n_out)
+    return _row_norms_from(a, b_t, out=out)
+
+
+def _row_norms_from(a: torch.Tensor, b_t: torch.Tensor, out=None, gram_out=None, products_out=None) -> torch.Tensor:
+    """:func:`lora_row_norms` of ``a`` (..., r, n_in) and ``b_t`` = B^T (..., r, n_out), both in the norms' dtype."""
     matmul = torch.bmm if a.dim() == 3 else torch.matmul  # bmm: the same kernel as @ on a stack, with less dispatch
-    gram = matmul(a, a.transpose(-1, -2))  # r x r
-    squared = torch.sum(matmul(b, gram).mul_(b), dim=-1, out=out)  # b_i^T (A A^T) b_i
+    gram = matmul(a, a.transpose(-1, -2), out=gram_out)  # r x r
+    products = matmul(gram, b_t, out=products_out).mul_(b_t)  # column i: (A A^T) b_i times b_i
+    squared = torch.sum(products, dim=-2, out=out)  # b_i^T (A A^T) b_i
     return squared.clamp_min_(0.0).sqrt_()  # clamped first: rounding can dip below 0
 
 
@@ -110,6 +118,28 @@ class BackwardFactors(NamedTuple):
     row_norms: torch.Tensor  # (n_out,): ||(BA)_i|| in float32 (float64 for float64 weights), for statistics
 
 
+class FactorBuffers:
+    """Where :func:`write_stacked_backward_factors` writes a stack's factors: tensors made once, whose per-layer
+    views (the cache's entries) stay valid from step to step. ``c`` is (L, n_out), ``b_both`` (L, n_out, 2r);
+    ``gram`` and ``products`` are intermediates."""
+
+    __slots__ = ("c", "b_both", "row_norms", "gram", "products")
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype):
+        """``lora_A`` (L, r, n_in), ``lora_B`` (L, n_out, r): a stack, or any tensors of its shapes."""
+        (layers, rank, _), n_out, device = lora_A.shape, lora_B.shape[1], lora_A.device
+        norm_dtype = row_norm_dtype(dtype)
+        self.c = torch.empty(layers, n_out, dtype=dtype, device=device)
+        self.b_both = torch.empty(layers, n_out, 2 * rank, dtype=dtype, device=device)
+        self.row_norms = torch.empty(layers, n_out, dtype=norm_dtype, device=device)
+        self.gram = torch.empty(layers, rank, rank, dtype=norm_dtype, device=device)
+        self.products = torch.empty(layers, rank, n_out, dtype=norm_dtype, device=device)
+
+    def factors(self) -> BackwardFactors:
+        """The stacked factors: ``coefficient`` (L, n_out, 1), ``b_both`` (L, n_out, 2r), ``row_norms`` (L, n_out)."""
+        return BackwardFactors(self.c.unsqueeze(-1), self.b_both, self.row_norms)
+
+
 def stacked_backward_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float, dtype: torch.dtype
 ) -> BackwardFactors:
@@ -119,50 +149,29 @@ def stacked_backward_factors(
     then ``c`` is computed from them in float32 with autocast off, and cast back to ``dtype``. One call costs the
     same number of operations for one layer or for a hundred.
     """
-    with _autocast_off(lora_A.device.type):
-        a = _detached(lora_A, dtype)
-        b = _detached(lora_B, dtype)
-        return _factors_from_norms(b, lora_row_norms(a, b), eta, dtype)
-
-
-class FactorBuffers:
-    """Where :func:`write_stacked_backward_factors` writes a stack's factors, step after step: tensors made once.
-
-    ``scale`` (L, n_out, 2, 1) holds ``[1, c]`` for every row, its ones written here once, so that ``[B | c B]``
-    is one multiplication, ``B * scale``, into ``b_both`` seen as (L, n_out, 2, r); ``coefficient`` is the view
-    ``scale[..., 1, :]``, which the layers read. :meth:`factors` are the stacked :class:`BackwardFactors`.
-    """
-
-    __slots__ = ("scale", "coefficient", "b_both", "row_norms", "_c_rows", "_b_pairs")
-
-    def __init__(self, layers: int, n_out: int, rank: int, dtype: torch.dtype, device: torch.device):
-        self.scale = torch.ones(layers, n_out, 2, 1, dtype=dtype, device=device)
-        self.coefficient = self.scale[..., 1, :]
-        self.b_both = torch.empty(layers, n_out, 2 * rank, dtype=dtype, device=device)
-        self.row_norms = torch.empty(layers, n_out, dtype=row_norm_dtype(dtype), device=device)
-        self._c_rows = self.scale[..., 1, 0]  # (L, n_out): where c is computed
-        self._b_pairs = self.b_both.view(layers, n_out, 2, rank)
-
-    def factors(self) -> BackwardFactors:
-        return BackwardFactors(self.coefficient, self.b_both, self.row_norms)
+    out = FactorBuffers(lora_A, lora_B, dtype)
+    write_stacked_backward_factors(lora_A, lora_B, eta, dtype, out)
+    return out.factors()
 
 
 @torch.no_grad()
 def write_stacked_backward_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, eta: float, dtype: torch.dtype, out: FactorBuffers
 ) -> None:
-    """:func:`stacked_backward_factors`, written into ``out`` (whose views, the cache's per-layer factors, stay
-    valid): equal to it bit for bit, in two fewer operations (``c`` is computed where it is kept, in float32,
-    and ``[B | c B]`` is one multiplication)."""
+    """:func:`stacked_backward_factors`, written into ``out``."""
     with _autocast_off(lora_A.device.type):
         a = _detached(lora_A, dtype)
         b = _detached(lora_B, dtype)
-        norms = lora_row_norms(a, b, out=out.row_norms)
+        norm_dtype = out.row_norms.dtype
+        b_t = _as_dtype(b, norm_dtype).transpose(-1, -2)
+        norms = _row_norms_from(
+            _as_dtype(a, norm_dtype), b_t, out=out.row_norms, gram_out=out.gram, products_out=out.products
+        )
         if dtype == norms.dtype:
-            coefficient_from_norms(norms, eta, out=out._c_rows)
+            c = coefficient_from_norms(norms, eta, out=out.c)
         else:
-            out._c_rows.copy_(_in_dtype(coefficient_from_norms(norms, eta), dtype))
-        torch.mul(b.unsqueeze(-2), out.scale, out=out._b_pairs)
+            c = out.c.copy_(_in_dtype(coefficient_from_norms(norms, eta), dtype))
+        torch.cat([b, b * c.unsqueeze(-1)], dim=-1, out=out.b_both)
 
 
 def _autocast_off(device_type: str):
@@ -188,12 +197,11 @@ def traced_backward_factors(
     above 2^22 of those the matmul form is used.
     """
     r, n_in = lora_A.shape
-    if max(r * r * n_in, lora_B.shape[0] * r * r) > 2**22:
-        factors = stacked_backward_factors(lora_A[None], lora_B[None], eta, dtype)
-        return BackwardFactors(*(tensor[0] for tensor in factors))
     with torch.autocast(lora_A.device.type, enabled=False):
         a = _detached(lora_A, dtype)
         b = _detached(lora_B, dtype)
+        if max(r * r * n_in, lora_B.shape[0] * r * r) > 2**22:
+            return _factors_from_norms(b, lora_row_norms(a, b), eta, dtype)
         norm_dtype = row_norm_dtype(dtype)
         a_wide, b_wide = _as_dtype(a, norm_dtype), _as_dtype(b, norm_dtype)
         gram = (a_wide[:, None, :] * a_wide[None, :, :]).sum(-1)  # A A^T

@@ -92,7 +92,7 @@ class UpdateScaling:
         self.optimizer = optimizer
         self._pending: tuple[list, list, list] | None = None  # (weights, their copies before the step, factors)
         self._copies: list[torch.Tensor] = []  # where the weights are copied before each step, made once
-        self._copied: list[tuple] = []  # what those copies were made for: (id, shape, dtype, device) per weight
+        self._copied: tuple = ()  # what those copies were made for: the weights' ids and storage addresses
         self.variants: list[ALLoRALinearVariant] = []  # those enable_update_scaling recorded scale "update" on
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -106,23 +106,29 @@ class UpdateScaling:
         With ``foreach`` operations over every weight at once, the means of ``c`` kept by the cache's batched refresh
         and the copies made into tensors kept from step to step: a fixed number of calls per step, not some per layer.
         """
-        pairs = [pair for pair in self.pairs if pair.lora_A.grad is not None or pair.lora_B.grad is not None]
-        if not pairs:
+        weights, grads, factors = [], [], []
+        for pair in self.pairs:
+            grad_A, grad_B = pair.lora_A.grad, pair.lora_B.grad
+            if grad_A is None and grad_B is None:
+                continue
+            # c (n_out, 1) in the compute dtype, the one the backward pass applied, and its mean: from the step's cache
+            c, mean = applied_coefficient(pair.variant, pair.lora_A, pair.lora_B)
+            if grad_B is not None:  # back to the plain LoRA gradient: c goes on the update
+                weights.append(pair.lora_B)
+                grads.append(grad_B)
+                factors.append(c if c.dtype == grad_B.dtype else c.to(grad_B.dtype))
+            if grad_A is not None:  # keep the rule's row weighting, at mean 1
+                weights.append(pair.lora_A)
+                grads.append(grad_A)
+                factors.append(mean if mean.dtype == grad_A.dtype else mean.to(grad_A.dtype))
+        if not weights:
             self._pending = None
             return
-        # c (n_out, 1) in the compute dtype, the one the backward pass applied, and its mean: from the per-step cache
-        weights, factors = [], []
-        for pair in pairs:
-            c, mean = applied_coefficient(pair.variant, pair.lora_A, pair.lora_B)
-            if pair.lora_B.grad is not None:  # back to the plain LoRA gradient: c goes on the update
-                weights.append(pair.lora_B)
-                factors.append(c if c.dtype == pair.lora_B.grad.dtype else c.to(pair.lora_B.grad.dtype))
-            if pair.lora_A.grad is not None:  # keep the rule's row weighting, at mean 1
-                weights.append(pair.lora_A)
-                factors.append(mean if mean.dtype == pair.lora_A.grad.dtype else mean.to(pair.lora_A.grad.dtype))
-        torch._foreach_div_([weight.grad for weight in weights], factors)
-        copied = [(id(weight), weight.shape, weight.dtype, weight.device) for weight in weights]
-        if copied != self._copied:  # other weights than last step (a frozen adapter, a cast): new copies
+        torch._foreach_div_(grads, factors)
+        # the copies are made again only for other weights than last step's (a frozen adapter, a cast or a move
+        # gives new storage): ids and storage addresses, read without a Python call per weight
+        copied = (list(map(id, weights)), list(map(torch.Tensor.data_ptr, weights)))
+        if copied != self._copied:
             self._copies, self._copied = [torch.empty_like(weight) for weight in weights], copied
         torch._foreach_copy_(self._copies, weights)  # exact copies, into tensors made once (no allocation per step)
         self._pending = (weights, self._copies, factors)
@@ -142,7 +148,7 @@ class UpdateScaling:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._copies, self._copied = [], []
+        self._copies, self._copied = [], ()
         for variant in self.variants:
             variant.scale = "gradient"
             variant.traced_applied = None
