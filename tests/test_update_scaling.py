@@ -141,6 +141,41 @@ def test_adam_away_from_zero_scales_rows_by_their_coefficient():
         torch.testing.assert_close(d_scaled[a_name], c.mean() * d_plain[a_name], rtol=1e-4, atol=1e-7)
 
 
+def test_an_edit_between_backward_and_step_divides_out_the_coefficient_the_backward_applied():
+    """Weights edited in place after the backward (a version bump): the hooks still divide out the ``c`` that backward
+    applied, not one of the edited weights, so Adam's first step on B is exactly c_applied x lr x sign(g) per row."""
+    model = apply_allora(lora_model(nonzero_b=True), eta=2.0)
+    layer = model.base_model.model.up
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    applied = weight_coefficient(lora_A, lora_B, 2.0)
+    opt = torch.optim.Adam(lora_params(model).values(), lr=1e-2, eps=1e-30)
+    enable_update_scaling(opt, model)
+    opt.zero_grad()
+    loss_of(model).backward()
+    with torch.no_grad():
+        lora_B.mul_(3.0)  # after the backward: c of the edited weights is another one
+    edited = lora_B.detach().clone()
+    grad_sign = lora_B.grad.sign()
+    opt.step()
+    assert not torch.allclose(weight_coefficient(lora_A, edited, 2.0), applied, rtol=1e-2)
+    torch.testing.assert_close(lora_B.detach() - edited, -1e-2 * applied[:, None] * grad_sign, rtol=1e-4, atol=1e-6)
+
+
+def test_a_weight_frozen_between_steps_keeps_its_value_and_the_others_train():
+    """The weights the hooks copy change from step to step (here one stops getting gradients): the copies follow."""
+    model = apply_allora(lora_model(nonzero_b=True), eta=2.0)
+    opt = torch.optim.Adam(lora_params(model).values(), lr=1e-2)
+    enable_update_scaling(opt, model)
+    one_step(model, opt)
+    frozen = model.base_model.model.up.lora_A["default"].weight
+    frozen.requires_grad_(False)
+    kept = frozen.detach().clone()
+    before = {n: p.detach().clone() for n, p in lora_params(model).items()}
+    one_step(model, opt)  # Adam skips a weight without a gradient; the hooks must too
+    assert torch.equal(frozen, kept)
+    assert all(not torch.equal(p, before[n]) for n, p in lora_params(model).items())
+
+
 def test_remove_restores_the_plain_optimizer():
     plain = apply_allora(lora_model(), eta=2.0)
     scaled = copy.deepcopy(plain)
