@@ -359,10 +359,39 @@ def test_update_scaling_and_statistics_read_the_coefficient_the_backward_applied
     scaling.remove()
 
 
+def update_hook_ops(layers: int) -> int:
+    """Operations the update hooks add to one AdamW step under bf16 autocast with fp32 adapters: a step with them
+    less the next step without them."""
+    from allora_trl.core.update_scaling import enable_update_scaling
+
+    model = lora_model(layers=layers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    scaling = enable_update_scaling(opt, model)
+    counts = []
+    for step, ids in enumerate(batches(3)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        counter = CountOps()
+        with counter:
+            opt.step()
+        opt.zero_grad()
+        counts.append(counter.count)
+        if step == 1:
+            scaling.remove()
+    return counts[1] - counts[2]
+
+
+def test_update_scaling_hooks_cost_the_same_for_any_number_of_layers():
+    """Under autocast ``c`` is applied in bf16 and the fp32 gradients are divided by it: the refresh casts it for the
+    whole group, so the hooks add a fixed number of operations, none per layer (a cast per layer per step before)."""
+    added = update_hook_ops(2)
+    assert 0 < added <= 4 and update_hook_ops(8) == added
+
+
 def test_compiled_update_scaling_divides_out_the_coefficient_the_graph_applied():
     """Under torch.compile the factors are computed in the graph, which hands its c out: the update hooks divide out
-    exactly that one (bf16 under autocast, not one from the fp32 weights), with no refresh of the cache, and the
-    graph is neither broken nor recompiled from step to step."""
+    exactly that one (the bf16 c applied under autocast, cast to the weights' fp32 in the graph, not one from the
+    fp32 weights), with no refresh of the cache, and the graph is neither broken nor recompiled from step to step."""
     from allora_trl.core.coefficient_cache import applied_coefficient
     from allora_trl.core.update_scaling import enable_update_scaling
 
@@ -379,8 +408,8 @@ def test_compiled_update_scaling_divides_out_the_coefficient_the_graph_applied()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             compiled(input_ids=ids, labels=ids).loss.backward()
         applied, mean = applied_coefficient(variant, lora_A, lora_B)
-        assert applied is variant.traced_applied[0] and applied.dtype == torch.bfloat16
-        assert mean.dtype == torch.float32 and mean.item() == applied.float().mean().item()
+        assert applied is variant.traced_applied[0] and applied.dtype == lora_B.dtype  # cast in the graph, exactly
+        assert mean.dtype == torch.float32 and mean.item() == applied.mean().item()
         expected = weight_coefficient(lora_A.bfloat16(), lora_B.bfloat16(), 2.0)
         torch.testing.assert_close(applied[:, 0].float(), expected.bfloat16().float())
         opt.step()

@@ -62,7 +62,7 @@ register_optimizer_step_post_hook(_count_optimizer_step)  # every torch optimize
 class _Entry:
     key: tuple
     factors: BackwardFactors
-    mean: torch.Tensor | None = None  # mean of c in float32, kept by a batched refresh for allora_scale="update"
+    update: tuple | None = None  # (c, its mean) as allora_scale="update" divides by them, kept by a batched refresh
 
 
 def _forget_layer_entries(layer: torch.nn.Module, incompatible_keys) -> None:
@@ -118,7 +118,7 @@ class _Group:
     overwritten, and autograd's check of saved tensors then raises instead of computing with the wrong ``c``.
     """
 
-    __slots__ = ("cache", "members", "eta", "dtype", "stacked", "buffers", "means", "entries", "turn")
+    __slots__ = ("cache", "members", "eta", "dtype", "stacked", "buffers", "entries", "turn", "_update")
 
     def __init__(self, cache, members: list, lora_A: torch.Tensor, lora_B: torch.Tensor, signature: tuple):
         self.cache = cache  # counts the refreshes
@@ -128,7 +128,7 @@ class _Group:
         stacked_B = lora_B.expand(len(members), *lora_B.shape)
         self.stacked = (stacked_A.shape, stacked_B.shape, lora_A.dtype, lora_B.dtype)
         self.buffers = [FactorBuffers(stacked_A, stacked_B, self.dtype) for _ in range(2)]
-        self.means = [torch.empty(len(members), dtype=torch.float32, device=lora_A.device) for _ in range(2)]
+        self._update = [None, None]  # per set of buffers, made at the first refresh that serves update scaling
         self.entries = [
             [_Entry(None, BackwardFactors(*views)) for views in zip(*(t.unbind() for t in buffers.factors()))]
             for buffers in self.buffers
@@ -178,14 +178,33 @@ class _Group:
         self.turn = turn = 1 - self.turn
         buffers = self.buffers[turn]
         write_stacked_backward_factors(stacked_A, stacked_B, self.eta, self.dtype, out=buffers)
-        means = [None] * len(keys)
-        if self.cache.serves_update_scaling:  # one mean for the group, not one per layer in the update hooks
-            means = torch.mean(buffers.c, dim=1, dtype=torch.float32, out=self.means[turn]).unbind()
-        for member, key, entry, mean in zip(self.members, keys, self.entries[turn], means):
-            entry.key, entry.mean = key, mean
+        updates = self._write_update_factors(turn) if self.cache.serves_update_scaling else [None] * len(keys)
+        for member, key, entry, update in zip(self.members, keys, self.entries[turn], updates):
+            entry.key, entry.update = key, update
             member.variant.cache_entry = entry
         self.cache.refreshes += 1
         return True
+
+
+    def _write_update_factors(self, turn: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per member, ``c`` in B's dtype and its float32 mean in A's dtype: what ``allora_scale="update"`` divides the
+        gradients by and puts on the update (:func:`applied_coefficient`), made for the whole group here (a mean
+        and at most two casts) rather than layer by layer in the optimizer hooks: under bf16 autocast with float32
+        adapters that would be a cast per layer per step."""
+        buffers = self.buffers[turn]
+        if self._update[turn] is None:
+            (_, _, a_dtype, b_dtype), c = self.stacked, buffers.c
+            means = torch.empty(c.shape[0], dtype=torch.float32, device=c.device)
+            c_out = c if b_dtype == c.dtype else torch.empty_like(c, dtype=b_dtype)
+            means_out = means if a_dtype == torch.float32 else torch.empty_like(means, dtype=a_dtype)
+            self._update[turn] = (means, c_out, means_out, list(zip(c_out.unsqueeze(-1).unbind(), means_out.unbind())))
+        means, c_out, means_out, views = self._update[turn]
+        torch.mean(buffers.c, dim=1, dtype=torch.float32, out=means)
+        if c_out is not buffers.c:
+            c_out.copy_(buffers.c)  # exact: c is cast up (bf16 -> fp32), or to the weights' own dtype
+        if means_out is not means:
+            means_out.copy_(means)
+        return views
 
 
 class CoefficientCache:
@@ -193,7 +212,8 @@ class CoefficientCache:
 
     ``refreshes`` counts the batched and single-layer refreshes (for tests and benchmarks).
     ``serves_update_scaling``: the update hooks read it (``allora_scale="update"`` sets it): each batched refresh
-    also keeps the mean of every layer's ``c``, and a ``torch.compile`` graph hands out the ``c`` it computes.
+    also keeps every layer's ``c`` and its mean in the weights' dtypes, and a ``torch.compile`` graph hands out the
+    ``c`` it computes.
     """
 
     def __init__(self):
@@ -294,8 +314,10 @@ class CoefficientCache:
 
 
 def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``c`` as the layer's last backward applied it, (n_out, 1) in its compute dtype, and its mean in float32: what
+    """``c`` as the layer's last backward applied it, (n_out, 1), and its mean (taken in float32): what
     ``allora_scale="update"`` divides out of the gradients and puts on the update, so both see one coefficient.
+    ``c`` comes in ``lora_B``'s dtype and the mean in ``lora_A``'s (the gradients' dtypes), cast from the compute
+    dtype ``c`` was applied in.
 
     From the cache if its entry was made since the last optimizer step (the one this step's forward passes used);
     else the one a ``torch.compile`` graph computed in its last forward (the graph hands it out); else (no forward
@@ -304,14 +326,21 @@ def applied_coefficient(variant, lora_A: torch.Tensor, lora_B: torch.Tensor) -> 
     """
     entry, cache = variant.cache_entry, variant.cache
     if entry is not None and entry.key[0] == _optimizer_steps:  # key[0]: the step count (CoefficientCache._key)
-        coefficient, mean = entry.factors.coefficient, entry.mean  # the mean if a batched refresh kept it
+        if entry.update is not None:  # kept by a batched refresh
+            return entry.update
+        coefficient = entry.factors.coefficient
     elif variant.traced_applied is not None:
-        coefficient, mean = variant.traced_applied
+        return variant.traced_applied
     else:
         dtype = lora_A.dtype if entry is None else entry.factors.coefficient.dtype
         coefficient = cache.factors(variant, lora_A, lora_B, dtype).coefficient
-        mean = variant.cache_entry.mean
-    return coefficient, coefficient.mean(dtype=torch.float32) if mean is None else mean
+    return _update_factors(coefficient, lora_A.dtype, lora_B.dtype)
+
+
+def _update_factors(coefficient: torch.Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype):
+    """``c`` cast to B's dtype and its float32 mean cast to A's: the factors of :func:`applied_coefficient`."""
+    mean = coefficient.mean(dtype=torch.float32)
+    return coefficient.to(b_dtype), mean.to(a_dtype)
 
 
 def refresh_allora_coefficients(model: torch.nn.Module) -> None:
@@ -336,7 +365,7 @@ def backward_factors_for(variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dt
     if torch.compiler.is_compiling():
         factors = traced_backward_factors(lora_A, lora_B, variant.eta, dtype)
         if variant.cache.serves_update_scaling:  # for applied_coefficient: c and its mean become graph outputs
-            variant.traced_applied = (factors.coefficient, factors.coefficient.mean(dtype=torch.float32))
+            variant.traced_applied = _update_factors(factors.coefficient, lora_A.dtype, lora_B.dtype)
         return factors
     return variant.cache.factors(variant, lora_A, lora_B, dtype)
 

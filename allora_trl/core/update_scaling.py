@@ -111,7 +111,7 @@ class UpdateScaling:
             grad_A, grad_B = pair.lora_A.grad, pair.lora_B.grad
             if grad_A is None and grad_B is None:
                 continue
-            # c (n_out, 1) in the compute dtype, the one the backward pass applied, and its mean: from the step's cache
+            # c (n_out, 1), the one the backward pass applied, and its mean, in the weights' dtypes: from the step's cache
             c, mean = applied_coefficient(pair.variant, pair.lora_A, pair.lora_B)
             if grad_B is not None:  # back to the plain LoRA gradient: c goes on the update
                 weights.append(pair.lora_B)
