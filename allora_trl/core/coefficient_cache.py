@@ -185,7 +185,6 @@ class _Group:
         self.cache.refreshes += 1
         return True
 
-
     def _write_update_factors(self, turn: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per member, ``c`` in B's dtype and its float32 mean in A's dtype: what ``allora_scale="update"`` divides the
         gradients by and puts on the update (:func:`applied_coefficient`), made for the whole group here (a mean
