@@ -157,11 +157,7 @@ class _Group:
             return False
         if not _WHOLE_TYPES.issuperset(map(type, lora_As)) or not _WHOLE_TYPES.issuperset(map(type, lora_Bs)):
             return False  # sharded since (FSDP2's DTensors); ZeRO-3's emptied weights fail the stacking below
-        steps, inference, dtype = _optimizer_steps, torch.is_inference_mode_enabled(), self.dtype
-        keys = [
-            (steps, dtype, inference, a._version, b._version, a.data_ptr(), b.data_ptr())  # CoefficientCache._key
-            for a, b in zip(lora_As, lora_Bs)
-        ]
+        keys = [self.cache._key(lora_A, lora_B, self.dtype) for lora_A, lora_B in zip(lora_As, lora_Bs)]
         if not any(_is_stale(member.variant.cache_entry, key) for member, key in zip(members, keys)):
             return True
         return self._write(lora_As, lora_Bs, keys)
@@ -251,9 +247,8 @@ class CoefficientCache:
     def factors(self, variant, lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> BackwardFactors:
         """The factors for these weights in ``dtype``: cached, or refreshed now (with every stale layer if whole)."""
         key = self._key(lora_A, lora_B, dtype)
-        entry = variant.cache_entry
-        if entry is not None and entry.key == key:  # _is_stale, inline: this runs in every layer's forward
-            return entry.factors
+        if not _is_stale(variant.cache_entry, key):
+            return variant.cache_entry.factors
         if not self.sharded:
             self._refresh_all(lora_A.device.type)
             key = self._key(lora_A, lora_B, dtype)  # without the storage, if the walk found sharded weights

@@ -111,7 +111,7 @@ class UpdateScaling:
             grad_A, grad_B = pair.lora_A.grad, pair.lora_B.grad
             if grad_A is None and grad_B is None:
                 continue
-            # c (n_out, 1), the one the backward pass applied, and its mean, in the weights' dtypes: from the step's cache
+            # c (n_out, 1), the one the backward applied, and its mean, in the weights' dtypes: from the step's cache
             c, mean = applied_coefficient(pair.variant, pair.lora_A, pair.lora_B)
             if grad_B is not None:  # back to the plain LoRA gradient: c goes on the update
                 weights.append(pair.lora_B)
@@ -186,5 +186,5 @@ def enable_update_scaling(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     for variant in scaling.variants:
         variant.scale = "update"
         if variant.cache is not None:
-            variant.cache.serves_update_scaling = True  # means of c kept, a compiled graph's c handed out
+            variant.cache.serves_update_scaling = True  # c and its mean kept by the refresh, or handed out by a graph
     return scaling
